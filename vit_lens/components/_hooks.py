@@ -1,0 +1,8 @@
+"""Small helpers shared by the components."""
+
+from transformer_lens.hook_points import HookPoint
+
+
+def is_hooked(*points: HookPoint) -> bool:
+    """Whether anyone (a user hook or a cache) is attached to any of these points, either direction."""
+    return any(point.fwd_hooks or point.bwd_hooks for point in points)

@@ -1,0 +1,156 @@
+"""ViTConfig: the architecture of a hooked vision transformer, and nothing else.
+
+Every field is read from the source model by a loader in ``vit_lens.loading``; none is
+guessed from a model name. Training, logging and device settings do not belong here.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+ActFn = Literal["gelu", "gelu_tanh", "quick_gelu"]
+PoolType = Literal["token", "token_dist", "avg", "max", "avgmax"]
+FinalNorm = Literal["pre_pool", "post_pool", "none"]
+
+_ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu")
+_POOL_TYPES = ("token", "token_dist", "avg", "max", "avgmax")
+_FINAL_NORMS = ("pre_pool", "post_pool", "none")
+
+
+def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"ViTConfig.{name} must be an int or a pair of ints, got {value!r}")
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of a pre-LayerNorm vision transformer.
+
+    Token order in the residual stream is always: CLS (if ``class_token``), then the DeiT
+    distillation token (if ``distillation_token``), then ``n_registers`` register tokens, then
+    the patches in raster order. ``n_prefix_tokens`` counts everything before the patches.
+
+    Attributes:
+        d_model: Width of the residual stream.
+        n_layers: Number of transformer blocks.
+        n_heads: Attention heads per block.
+        d_head: Width of one head (``n_heads * d_head`` need not equal ``d_model``).
+        d_mlp: Hidden width of the MLP.
+        patch_size: (height, width) of one patch in pixels.
+        image_size: (height, width) the position embeddings were trained for.
+        in_channels: Input channels (3 for RGB).
+        act_fn: MLP nonlinearity: exact ``"gelu"``, ``"gelu_tanh"`` or CLIP's ``"quick_gelu"``.
+        eps: LayerNorm epsilon (shared by every LayerNorm of the tower).
+        class_token: Whether a CLS token is prepended.
+        distillation_token: Whether a DeiT distillation token follows CLS.
+        n_registers: Number of register tokens.
+        pos_embed_on_prefix: Whether the position embedding has rows for the prefix tokens
+            (timm's ``no_embed_class=False``, open_clip); if False only patches get one.
+        patch_bias: Whether the patch embedding convolution has a bias.
+        ln_pre: Whether a LayerNorm is applied before the first block (CLIP's ``ln_pre``);
+            the residual stream then starts after it.
+        final_norm: Where the final LayerNorm (``ln_final``) sits: on every token before
+            pooling (``"pre_pool"``: CLIP's ``ln_post``, timm's ``norm``), on the pooled vector
+            (``"post_pool"``: timm's ``fc_norm``, open_clip's ``final_ln_after_pool``), or absent.
+        pool_type: ``"token"`` (CLS), ``"token_dist"`` (CLS and distillation token, DeiT),
+            ``"avg"``, ``"max"`` or ``"avgmax"`` over tokens.
+        pool_include_prefix: Whether avg/max pooling includes the prefix tokens.
+        d_proj: Output width of a CLIP image projection, or None.
+        n_classes: Classes of a classification head (0: no head).
+        dynamic_img_size: Whether other image sizes are accepted by resampling the position
+            embeddings (bicubic, antialiased, as timm's ``dynamic_img_size`` does).
+        use_attn_result: Whether ``run_with_cache`` with no ``names_filter`` also caches the
+            per-head outputs ``attn.hook_result`` (large: ``[batch, pos, head, d_model]``).
+            A hook attached to ``hook_result`` always makes it computed, whatever this says.
+        model_name: Where the weights came from, for messages and ``repr`` only.
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    patch_size: tuple[int, int]
+    image_size: tuple[int, int]
+    in_channels: int = 3
+    act_fn: ActFn = "gelu"
+    eps: float = 1e-5
+    class_token: bool = True
+    distillation_token: bool = False
+    n_registers: int = 0
+    pos_embed_on_prefix: bool = True
+    patch_bias: bool = True
+    ln_pre: bool = False
+    final_norm: FinalNorm = "pre_pool"
+    pool_type: PoolType = "token"
+    pool_include_prefix: bool = False
+    d_proj: int | None = None
+    n_classes: int = 0
+    dynamic_img_size: bool = False
+    use_attn_result: bool = False
+    model_name: str = "custom"
+    # Read by TransformerLens's ActivationCache; fixed for the architectures vit_lens supports.
+    normalization_type: str = field(default="LN", init=False, repr=False)
+    attn_only: bool = field(default=False, init=False, repr=False)
+    final_rms: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.patch_size = _pair(self.patch_size, "patch_size")
+        self.image_size = _pair(self.image_size, "image_size")
+        for name in ("d_model", "n_layers", "n_heads", "d_head", "d_mlp", "in_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
+        if self.act_fn not in _ACT_FNS:
+            raise ValueError(f"ViTConfig.act_fn must be one of {_ACT_FNS}, got {self.act_fn!r}")
+        if self.pool_type not in _POOL_TYPES:
+            raise ValueError(f"ViTConfig.pool_type must be one of {_POOL_TYPES}, got {self.pool_type!r}")
+        if self.final_norm not in _FINAL_NORMS:
+            raise ValueError(f"ViTConfig.final_norm must be one of {_FINAL_NORMS}, got {self.final_norm!r}")
+        if self.pool_type == "token" and not self.class_token:
+            raise ValueError("ViTConfig.pool_type='token' needs class_token=True; use 'avg' for models without CLS")
+        if self.pool_type == "token_dist" and not (self.class_token and self.distillation_token):
+            raise ValueError("ViTConfig.pool_type='token_dist' needs both class_token and distillation_token")
+        if self.n_registers < 0:
+            raise ValueError(f"ViTConfig.n_registers must be >= 0, got {self.n_registers}")
+        if self.eps <= 0:
+            raise ValueError(f"ViTConfig.eps must be positive, got {self.eps}")
+        if self.d_proj is not None and self.n_classes:
+            raise ValueError("ViTConfig takes either d_proj (CLIP projection) or n_classes (classifier head), not both")
+        for axis in (0, 1):
+            if self.image_size[axis] % self.patch_size[axis]:
+                raise ValueError(
+                    f"ViTConfig.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                )
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS, distillation token and registers."""
+        return int(self.class_token) + int(self.distillation_token) + self.n_registers
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns) at ``image_size``."""
+        return (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens in the residual stream at ``image_size``."""
+        return self.n_prefix_tokens + self.n_patches
+
+    @property
+    def d_output(self) -> int:
+        """Width of the model's output: projection, logits, or the pooled representation."""
+        if self.d_proj is not None:
+            return self.d_proj
+        return self.n_classes or self.d_model
+
+    def to_dict(self) -> dict:
+        """The init fields as a plain dict (what ``ViTConfig(**d)`` takes back)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("normalization_type", "attn_only", "final_rms")}

@@ -1,0 +1,48 @@
+"""Converters from source libraries to HookedViT; the only place vit_lens imports open_clip or timm."""
+
+import difflib
+import os
+from typing import Any
+
+from torch import nn
+
+_PREFIXES = ("open_clip", "timm")
+
+
+def load_source_model(name: str, pretrained: str | bool | None = None, **kwargs: Any) -> tuple[str, nn.Module]:
+    """Build a source model from ``"open_clip:<arch>"`` or ``"timm:<name>"`` through its own library.
+
+    ``pretrained`` is a pretrained tag or checkpoint path (open_clip), or True/False or a
+    checkpoint path (timm); None builds random weights. Returns ``(kind, model)`` in eval mode.
+    """
+    if not isinstance(name, str) or ":" not in name or name.split(":", 1)[0] not in _PREFIXES:
+        raise ValueError(
+            f"Model name {name!r} must start with a source prefix: 'open_clip:<arch>' (e.g. 'open_clip:ViT-B-16') "
+            "or 'timm:<name>' (e.g. 'timm:deit_small_patch16_224')."
+        )
+    kind, arch = name.split(":", 1)
+    is_path = isinstance(pretrained, (str, os.PathLike)) and (os.sep in str(pretrained) or os.path.exists(pretrained))
+    if is_path and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"Checkpoint file {str(pretrained)!r} for {name!r} does not exist")
+    if kind == "open_clip":
+        import open_clip
+
+        if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
+            raise ValueError(_unknown(arch, open_clip.list_models(), "open_clip.list_models()"))
+        model = open_clip.create_model(arch, pretrained=str(pretrained) if pretrained else None, **kwargs)
+    else:
+        import timm
+
+        if not timm.is_model(arch):
+            raise ValueError(_unknown(arch, timm.list_models(), "timm.list_models()"))
+        if is_path:
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)}, **kwargs)
+        else:
+            model = timm.create_model(arch, pretrained=bool(pretrained), **kwargs)
+    return kind, model.eval()
+
+
+def _unknown(arch: str, known: list[str], lister: str) -> str:
+    close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return f"Unknown model {arch!r}.{hint} ({lister} lists them all.)"
