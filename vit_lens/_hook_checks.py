@@ -4,7 +4,8 @@ import difflib
 import inspect
 import re
 from functools import partial
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -22,7 +23,7 @@ def unknown_hook_error(name: str, hook_names: list[str], n_layers: int) -> Value
     return ValueError(message)
 
 
-def check_hook_signature(fn: Callable, hook_name: str) -> None:
+def check_hook_signature(fn: Any, hook_name: str) -> None:
     """Raise a TypeError now if ``fn`` cannot be called as ``fn(activation, hook=hook_point)``."""
     if not callable(fn):
         raise TypeError(f"The hook for {hook_name!r} is a {type(fn).__name__}, not a function.")

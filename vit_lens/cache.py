@@ -28,10 +28,11 @@ class VisionActivationCache(ActivationCache):
 
     def __init__(self, cache_dict: dict[str, Tensor], model: Any, has_batch_dim: bool = True):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        # With ln_pre, TransformerLens's own embed / pos_embed terms must stay out of the sums.
         self._embed_is_ln_pre = bool(model.cfg.ln_pre)
+        self._has_ln_pre_embed = self._embed_is_ln_pre and "blocks.0.hook_resid_pre" in self.cache_dict
         if self._embed_is_ln_pre:
-            self.has_embed = "blocks.0.hook_resid_pre" in self.cache_dict
-            self.has_pos_embed = False
+            self.has_embed = self.has_pos_embed = False
 
     # ------------------------------------------------------------------ vision helpers
 
@@ -105,9 +106,9 @@ class VisionActivationCache(ActivationCache):
         """TransformerLens's ``decompose_resid``; with ``ln_pre`` the first term is ``ln_pre``'s output."""
         components, labels = super().decompose_resid(
             layer, mlp_input=mlp_input, mode=mode, apply_ln=False, pos_slice=pos_slice,
-            incl_embeds=incl_embeds and not self._embed_is_ln_pre, return_labels=True,
+            incl_embeds=incl_embeds, return_labels=True,
         )
-        if self._embed_is_ln_pre and incl_embeds and self.has_embed:
+        if incl_embeds and self._has_ln_pre_embed:
             components = torch.cat([self._embed_term(pos_slice), components])
             labels = ["embed"] + labels
         if apply_ln:
@@ -134,7 +135,7 @@ class VisionActivationCache(ActivationCache):
             layer, mlp_input=mlp_input, expand_neurons=expand_neurons, apply_ln=apply_ln, pos_slice=pos_slice,
             return_labels=True, project_output_onto=project_output_onto,
         )
-        if self.has_embed:
+        if self._has_ln_pre_embed:
             embed = self._embed_term(pos_slice)
             if apply_ln:
                 embed = self.apply_ln_to_stack(embed, layer, pos_slice=pos_slice, mlp_input=mlp_input)
@@ -167,3 +168,8 @@ class VisionActivationCache(ActivationCache):
             )
         if cfg.final_norm == "none":
             raise ValueError(f"{cfg.model_name} has no final LayerNorm to apply; use apply_ln=False.")
+
+    def apply_slice_to_batch_dim(self, batch_slice: Any) -> "VisionActivationCache":
+        """TransformerLens's batch slicing, keeping the vision cache type."""
+        sliced = super().apply_slice_to_batch_dim(batch_slice)
+        return VisionActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)

@@ -72,8 +72,8 @@ class ViTConfig:
     n_heads: int
     d_head: int
     d_mlp: int
-    patch_size: tuple[int, int]
-    image_size: tuple[int, int]
+    patch_size: int | tuple[int, int]
+    image_size: int | tuple[int, int]
     in_channels: int = 3
     act_fn: ActFn = "gelu"
     eps: float = 1e-5

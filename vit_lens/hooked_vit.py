@@ -1,7 +1,8 @@
 """HookedViT: a vision transformer with a TransformerLens hook point on every activation."""
 
 from contextlib import contextmanager
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -135,14 +136,26 @@ class HookedViT(HookedRootModule):
         return model.eval()
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None, std: float = 0.02) -> "HookedViT":
-        """Random weights (normal, ``std``), LayerNorms at identity; for toy models and tests."""
+    def init_weights(self, seed: int | None = None) -> "HookedViT":
+        """Random weights at a scale where attention is far from uniform; for toy models and tests.
+
+        Matrices get ``N(0, 1/fan_in)``, position embeddings ``N(0, 1)``, LayerNorm weights
+        ``1 + N(0, 0.1)``, other vectors ``N(0, 0.1)``.
+        """
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, param in self.named_parameters():
-            if name.endswith((".w",)) and param.ndim == 1:
-                param.fill_(1.0)
+            noise = torch.randn(param.shape, generator=generator).to(param)
+            if name.endswith(".w"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("W_pos"):
+                param.copy_(noise)
+            elif name.endswith("W_E"):
+                param.copy_(noise * param[0].numel() ** -0.5)
+            elif param.ndim >= 2:
+                fan_in = param.shape[-2] * (param.shape[0] if name.endswith("W_O") else 1)
+                param.copy_(noise * fan_in**-0.5)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                param.copy_(0.1 * noise)
         return self
 
     # ------------------------------------------------------------------ forward
@@ -252,7 +265,7 @@ class HookedViT(HookedRootModule):
     def add_hook(
         self,
         name: str | Callable[[str], bool],
-        hook: Callable,
+        hook: Any,  # checked below, with a message that says what a hook must look like
         dir: Literal["fwd", "bwd"] = "fwd",
         is_permanent: bool = False,
         level: int | None = None,

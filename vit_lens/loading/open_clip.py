@@ -118,3 +118,45 @@ def convert_open_clip_visual(
         sd["W_proj"] = src.take("proj")
     src.check_all_taken()
     return cfg, sd
+
+
+def open_clip_text_parts(model: nn.Module) -> dict:
+    """What HookedCLIP takes from an open_clip model besides the image tower.
+
+    Returns a dict with ``text_model`` (a shallow copy of the model without ``visual``: the text
+    weights are shared, not copied), ``logit_scale``, ``logit_bias`` and ``preprocess`` (the
+    model's evaluation image transform).
+    """
+    import copy
+
+    from open_clip import get_model_preprocess_cfg
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    if not hasattr(model, "encode_text") or not hasattr(model, "visual"):
+        raise TypeError(
+            f"HookedCLIP needs a whole open_clip CLIP model (with a text tower), got {type(model).__name__}; "
+            "for an image tower alone use HookedViT.from_open_clip."
+        )
+    text_model = copy.copy(model)
+    text_model._modules = {k: v for k, v in model._modules.items() if k != "visual"}
+    text_model._parameters = dict(model._parameters)
+    text_model._buffers = dict(model._buffers)
+    return {
+        "text_model": text_model.eval(),
+        "logit_scale": model.logit_scale,
+        "logit_bias": getattr(model, "logit_bias", None),
+        "preprocess": image_transform_v2(PreprocessCfg(**get_model_preprocess_cfg(model)), is_train=False),
+    }
+
+
+def open_clip_imagenet_templates() -> tuple:
+    """The 80 OpenAI ImageNet prompt templates that open_clip ships."""
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(OPENAI_IMAGENET_TEMPLATES)
+
+
+def open_clip_tokenizer(arch: str):
+    import open_clip
+
+    return open_clip.get_tokenizer(arch)

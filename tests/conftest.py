@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests never touch the network: hub libraries are forced offline here."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vit_lens import HookedViT, ViTConfig  # noqa: E402
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "") -> None:
+    """Same shape, and relative error (Frobenius) at most ``rtol``."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = relative_error(actual, expected)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+
+
+def tiny_config(**overrides) -> ViTConfig:
+    """A small ViT with every optional part switched on: CLS, registers, ln_pre, projection."""
+    fields = dict(
+        d_model=32, n_layers=3, n_heads=4, d_head=8, d_mlp=64, patch_size=8, image_size=32,
+        class_token=True, n_registers=2, ln_pre=True, d_proj=16, model_name="tiny test ViT",
+    )
+    fields.update(overrides)
+    return ViTConfig(**fields)
+
+
+@pytest.fixture
+def tiny_model() -> HookedViT:
+    return HookedViT(tiny_config()).init_weights(seed=0).eval()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
