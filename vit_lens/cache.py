@@ -60,18 +60,18 @@ class VisionActivationCache(ActivationCache):
             raise ValueError(f"{name} has two position axes (query, key); index it directly")
         return -2
 
-    def prefix_tokens(self, name: str) -> Tensor:
+    def prefix_tokens(self, name: str | tuple) -> Tensor:
         """The CLS / distillation / register rows of a cached per-token activation."""
-        act = self[name]
-        return act.narrow(self._pos_axis(self._full_name(name)), 0, self.n_prefix_tokens)
+        full = self._full_name(name)
+        return self[full].narrow(self._pos_axis(full), 0, self.n_prefix_tokens)
 
-    def patch_tokens(self, name: str) -> Tensor:
+    def patch_tokens(self, name: str | tuple) -> Tensor:
         """The patch rows (raster order) of a cached per-token activation."""
-        act = self[name]
-        axis = self._pos_axis(self._full_name(name))
+        full = self._full_name(name)
+        act, axis = self[full], self._pos_axis(full)
         return act.narrow(axis, self.n_prefix_tokens, act.shape[axis] - self.n_prefix_tokens)
 
-    def to_patch_grid(self, name: str, grid: tuple[int, int] | None = None) -> Tensor:
+    def to_patch_grid(self, name: str | tuple, grid: tuple[int, int] | None = None) -> Tensor:
         """Patch rows of a per-token activation reshaped to the image grid.
 
         ``[batch, pos, d]`` becomes ``[batch, rows, cols, d]``; ``[batch, pos, head, d_head]``
