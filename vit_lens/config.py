@@ -5,12 +5,6 @@ guessed from a model name. Training, logging and device settings do not belong h
 """
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
-
-ActFn = Literal["gelu", "gelu_tanh", "quick_gelu"]
-PoolType = Literal["token", "token_dist", "avg", "max", "avgmax"]
-FinalNorm = Literal["pre_pool", "post_pool", "none"]
-
 _ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu")
 _POOL_TYPES = ("token", "token_dist", "avg", "max", "avgmax")
 _FINAL_NORMS = ("pre_pool", "post_pool", "none")
@@ -75,7 +69,7 @@ class ViTConfig:
     patch_size: int | tuple[int, int]
     image_size: int | tuple[int, int]
     in_channels: int = 3
-    act_fn: ActFn = "gelu"
+    act_fn: str = "gelu"  # one of _ACT_FNS; checked in __post_init__ with a directed message
     eps: float = 1e-5
     class_token: bool = True
     distillation_token: bool = False
@@ -83,8 +77,8 @@ class ViTConfig:
     pos_embed_on_prefix: bool = True
     patch_bias: bool = True
     ln_pre: bool = False
-    final_norm: FinalNorm = "pre_pool"
-    pool_type: PoolType = "token"
+    final_norm: str = "pre_pool"  # one of _FINAL_NORMS
+    pool_type: str = "token"  # one of _POOL_TYPES
     pool_include_prefix: bool = False
     d_proj: int | None = None
     n_classes: int = 0

@@ -61,10 +61,9 @@ class HookedViT(HookedRootModule):
         (2, 4, 17, 17)
     """
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig | dict):
         super().__init__()
-        if not isinstance(cfg, ViTConfig):
-            raise TypeError(f"HookedViT takes a vit_lens.ViTConfig, got {type(cfg).__name__}")
+        cfg = ViTConfig(**cfg) if isinstance(cfg, dict) else cfg
         self.cfg = cfg
         self.embed = Embed(cfg)
         self.pos_embed = PosEmbed(cfg)
@@ -161,7 +160,7 @@ class HookedViT(HookedRootModule):
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, images: Tensor, *, stop_at_layer: int | None = None
+        self, images: Any, *, stop_at_layer: Any = None  # validated below with directed messages
     ) -> Float[Tensor, "batch *out"]:
         """Run the tower.
 
