@@ -1,9 +1,34 @@
-"""vit_lens: mechanistic interpretability for vision transformers."""
+"""vit_lens: mechanistic interpretability for vision transformers.
 
-from vit_lens.cache import VisionActivationCache
-from vit_lens.clip import HookedCLIP
-from vit_lens.config import ViTConfig
-from vit_lens.hooked_vit import HookedViT
+The public names are imported on first use, so that ``import vit_lens`` (and the
+``vit-lens --help`` command) does not pay for importing torch and TransformerLens.
+"""
 
-__all__ = ["HookedViT", "HookedCLIP", "ViTConfig", "VisionActivationCache"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "HookedViT": "vit_lens.hooked_vit",
+    "HookedCLIP": "vit_lens.clip",
+    "ViTConfig": "vit_lens.config",
+    "VisionActivationCache": "vit_lens.cache",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from vit_lens.cache import VisionActivationCache
+    from vit_lens.clip import HookedCLIP
+    from vit_lens.config import ViTConfig
+    from vit_lens.hooked_vit import HookedViT
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vit_lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -46,3 +46,32 @@ def _unknown(arch: str, known: list[str], lister: str) -> str:
     close = difflib.get_close_matches(arch, known, n=5, cutoff=0.5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     return f"Unknown model {arch!r}.{hint} ({lister} lists them all.)"
+
+
+def source_residual_stream(source: nn.Module, images) -> list:
+    """The source model's residual stream at every block boundary, read with forward hooks.
+
+    Returns ``[x_0, x_1, ..., x_L]``: the stream entering block 0 (after ``ln_pre`` / ``norm_pre``)
+    and after each block; for comparing a HookedViT with its source layer by layer.
+    """
+    import torch
+
+    visual = getattr(source, "visual", source)
+    if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
+        blocks, first = list(visual.transformer.resblocks), visual.ln_pre
+        run = visual
+    elif hasattr(visual, "blocks"):
+        blocks, first = list(visual.blocks), visual.norm_pre
+        run = visual
+    else:
+        raise TypeError(f"source_residual_stream reads open_clip or timm ViTs, got {type(source).__name__}")
+    stream: list = []
+    handles = [first.register_forward_hook(lambda m, i, o: stream.append(o.detach().clone()))]
+    handles += [b.register_forward_hook(lambda m, i, o: stream.append(o.detach().clone())) for b in blocks]
+    try:
+        with torch.no_grad():
+            run(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stream
