@@ -141,3 +141,13 @@ def test_batch_slicing_keeps_the_vision_cache(run):
     assert isinstance(first, VisionActivationCache)
     parts = first.decompose_resid()
     assert_rel_close(parts.sum(0), final_resid(model, cache)[0], rtol=1e-5, what="sliced cache")
+
+
+def test_grid_follows_the_cached_image_size():
+    model = HookedViT(tiny_config(dynamic_img_size=True)).init_weights(seed=0).eval()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(torch.randn(1, 3, 40, 24))
+    assert cache.grid_size == (5, 3)
+    grid = cache.to_patch_grid("blocks.0.hook_resid_post")
+    assert grid.shape == (1, 5, 3, model.cfg.d_model)
+    torch.testing.assert_close(grid[0, 4, 1], cache["resid_post", 0][0, model.cfg.n_prefix_tokens + 4 * 3 + 1])

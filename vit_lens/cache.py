@@ -26,8 +26,15 @@ class VisionActivationCache(ActivationCache):
     and ``to_patch_grid(name)``.
     """
 
-    def __init__(self, cache_dict: dict[str, Tensor], model: Any, has_batch_dim: bool = True):
+    def __init__(
+        self,
+        cache_dict: dict[str, Tensor],
+        model: Any,
+        has_batch_dim: bool = True,
+        grid_size: tuple[int, int] | None = None,
+    ):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        self._grid_size = tuple(grid_size) if grid_size is not None else tuple(model.cfg.grid_size)
         # With ln_pre, TransformerLens's own embed / pos_embed terms must stay out of the sums.
         self._embed_is_ln_pre = bool(model.cfg.ln_pre)
         self._has_ln_pre_embed = self._embed_is_ln_pre and "blocks.0.hook_resid_pre" in self.cache_dict
@@ -43,15 +50,8 @@ class VisionActivationCache(ActivationCache):
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """Patch grid (rows, columns) of the cached images."""
-        n_patches = self["blocks.0.hook_resid_pre"].shape[-2] - self.n_prefix_tokens
-        rows, cols = self.model.cfg.grid_size
-        if rows * cols != n_patches:
-            raise ValueError(
-                f"The cached images have {n_patches} patches, not the model's {rows}x{cols} grid; "
-                "pass grid=(rows, cols) to to_patch_grid."
-            )
-        return (rows, cols)
+        """Patch grid (rows, columns) of the cached images (not always the model's: dynamic image sizes)."""
+        return self._grid_size
 
     def _pos_axis(self, name: str) -> int:
         if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")):
@@ -172,4 +172,6 @@ class VisionActivationCache(ActivationCache):
     def apply_slice_to_batch_dim(self, batch_slice: Any) -> "VisionActivationCache":
         """TransformerLens's batch slicing, keeping the vision cache type."""
         sliced = super().apply_slice_to_batch_dim(batch_slice)
-        return VisionActivationCache(sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim)
+        return VisionActivationCache(
+            sliced.cache_dict, self.model, has_batch_dim=sliced.has_batch_dim, grid_size=self.grid_size
+        )

@@ -406,7 +406,9 @@ class HookedViT(HookedRootModule):
                         "pass metric=, e.g. metric=lambda out: out[:, 0].sum()."
                     )
                 target.backward()
-        return out, VisionActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        images = model_args[0] if model_args else model_kwargs.get("images")
+        grid = (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
+        return out, VisionActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim, grid_size=grid)
 
     def _normalise_names_filter(self, names_filter: Any) -> Callable[[str], bool]:
         if names_filter is None:
