@@ -12,8 +12,9 @@ _PREFIXES = ("open_clip", "timm")
 def load_source_model(name: str, pretrained: str | bool | None = None, **kwargs: Any) -> tuple[str, nn.Module]:
     """Build a source model from ``"open_clip:<arch>"`` or ``"timm:<name>"`` through its own library.
 
-    ``pretrained`` is a pretrained tag or checkpoint path (open_clip), or True/False or a
-    checkpoint path (timm); None builds random weights. Returns ``(kind, model)`` in eval mode.
+    ``pretrained`` is a pretrained tag (open_clip's ``"laion2b_s34b_b88k"``, timm's
+    ``"augreg_in21k"``), a checkpoint file, or True/False for timm's default weights; None builds
+    random weights. Returns ``(kind, model)`` in eval mode.
     """
     if not isinstance(name, str) or ":" not in name or name.split(":", 1)[0] not in _PREFIXES:
         raise ValueError(
@@ -21,25 +22,45 @@ def load_source_model(name: str, pretrained: str | bool | None = None, **kwargs:
             "or 'timm:<name>' (e.g. 'timm:deit_small_patch16_224')."
         )
     kind, arch = name.split(":", 1)
-    is_path = isinstance(pretrained, (str, os.PathLike)) and (os.sep in str(pretrained) or os.path.exists(pretrained))
-    if is_path and not os.path.isfile(pretrained):
-        raise FileNotFoundError(f"Checkpoint file {str(pretrained)!r} for {name!r} does not exist")
+    checkpoint = _checkpoint_path(pretrained, name)
     if kind == "open_clip":
         import open_clip
 
         if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
             raise ValueError(_unknown(arch, open_clip.list_models(), "open_clip.list_models()"))
-        model = open_clip.create_model(arch, pretrained=str(pretrained) if pretrained else None, **kwargs)
+        model = open_clip.create_model(arch, pretrained=checkpoint or pretrained or None, **kwargs)
     else:
         import timm
 
         if not timm.is_model(arch):
             raise ValueError(_unknown(arch, timm.list_models(), "timm.list_models()"))
-        if is_path:
-            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)}, **kwargs)
+        if checkpoint:
+            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": checkpoint}, **kwargs)
+        elif isinstance(pretrained, str) and pretrained:
+            model = timm.create_model(f"{arch.split('.')[0]}.{pretrained}", pretrained=True, **kwargs)
         else:
             model = timm.create_model(arch, pretrained=bool(pretrained), **kwargs)
     return kind, model.eval()
+
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
+
+
+def _checkpoint_path(pretrained: str | bool | None, name: str) -> str | None:
+    """The checkpoint file ``pretrained`` names, or None when it is a tag or a flag.
+
+    Anything that looks like a file (an existing file, a path separator, a checkpoint suffix)
+    must exist: a missing file is an error here, never a silent fall-back to downloaded weights.
+    """
+    if not isinstance(pretrained, (str, os.PathLike)):
+        return None
+    path = os.fspath(pretrained)
+    looks_like_file = os.path.isfile(path) or os.sep in path or path.endswith(_CHECKPOINT_SUFFIXES)
+    if not looks_like_file:
+        return None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Checkpoint file {path!r} for {name!r} does not exist")
+    return path
 
 
 def _unknown(arch: str, known: list[str], lister: str) -> str:

@@ -18,7 +18,7 @@ def describe_open_clip_visual(visual: nn.Module) -> str:
     """A readable name built from the tower's own attributes (open_clip models do not store their name)."""
     return (
         f"open_clip ViT (width {visual.transformer.width}, {len(visual.transformer.resblocks)} layers, "
-        f"patch {visual.patch_size[0]}, {visual.image_size[0]}px)"
+        f"patch {visual.patch_size[0]}, {visual.image_size[0]}x{visual.image_size[1]} images)"
     )
 
 
