@@ -151,3 +151,13 @@ def test_grid_follows_the_cached_image_size():
     grid = cache.to_patch_grid("blocks.0.hook_resid_post")
     assert grid.shape == (1, 5, 3, model.cfg.d_model)
     torch.testing.assert_close(grid[0, 4, 1], cache["resid_post", 0][0, model.cfg.n_prefix_tokens + 4 * 3 + 1])
+
+
+def test_attention_grid_and_negative_layers_in_helpers(run):
+    model, _, cache = run
+    n_prefix = model.cfg.n_prefix_tokens
+    grid = cache.attention_grid(1, query=0)
+    assert grid.shape == (2, model.cfg.n_heads, 4, 4)
+    torch.testing.assert_close(grid[:, :, 2, 3], cache["pattern", 1][:, :, 0, n_prefix + 2 * 4 + 3])
+    last = model.cfg.n_layers - 1
+    torch.testing.assert_close(cache.to_patch_grid(("resid_post", -1)), cache.to_patch_grid(("resid_post", last)))

@@ -22,8 +22,8 @@ class VisionActivationCache(ActivationCache):
     * For models whose final LayerNorm acts on the pooled vector (timm's ``fc_norm``), the
       final norm cannot be applied per token: ``apply_ln`` at the final layer raises and says so.
 
-    Helpers: ``n_prefix_tokens``, ``grid_size``, ``prefix_tokens(name)``, ``patch_tokens(name)``
-    and ``to_patch_grid(name)``.
+    Helpers: ``n_prefix_tokens``, ``grid_size``, ``prefix_tokens(name)``, ``patch_tokens(name)``,
+    ``to_patch_grid(name)`` and ``attention_grid(layer, query)``.
     """
 
     def __init__(
@@ -85,12 +85,26 @@ class VisionActivationCache(ActivationCache):
             raise ValueError(f"grid {rows}x{cols} does not hold the {patches.shape[axis]} patches of {full}")
         return patches.unflatten(axis, (rows, cols))
 
+    def attention_grid(self, layer: int, query: int = 0) -> Float[Tensor, "batch head rows cols"]:
+        """Attention from token ``query`` (default CLS) to every patch, on the patch grid.
+
+        Example:
+            >>> cls_maps = cache.attention_grid(5)  # [batch, head, rows, cols]  # doctest: +SKIP
+        """
+        pattern = self["pattern", layer]
+        rows, cols = self.grid_size
+        return pattern[..., query, self.n_prefix_tokens :].unflatten(-1, (rows, cols))
+
     def _full_name(self, key: Any) -> str:
         if isinstance(key, str) and key in self.cache_dict:
             return key
         from transformer_lens.utilities import get_act_name
 
-        return get_act_name(*key) if isinstance(key, tuple) else get_act_name(key)
+        if not isinstance(key, tuple):
+            return get_act_name(key)
+        if len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
+            key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+        return get_act_name(*key)
 
     # ------------------------------------------------------------------ decompositions with ln_pre
 

@@ -53,19 +53,32 @@ class HookedCLIP(nn.Module):
 
     @classmethod
     def from_open_clip(
-        cls, model: nn.Module, tokenizer: Callable | None = None, *, dynamic_img_size: bool | None = None
+        cls,
+        model: nn.Module,
+        tokenizer: Callable | None = None,
+        *,
+        vision: HookedViT | None = None,
+        dynamic_img_size: bool | None = None,
     ) -> "HookedCLIP":
         """Wrap an open_clip ``CLIP`` / ``CustomTextCLIP``.
 
         Args:
             model: The open_clip model (not only its ``.visual``: the text tower is needed).
             tokenizer: ``open_clip.get_tokenizer(<arch>)``; needed to pass strings to ``encode_text``.
+            vision: A HookedViT already converted from ``model`` to use as the image tower (saves
+                converting twice); by default one is converted here.
             dynamic_img_size: Passed to :meth:`HookedViT.from_open_clip`.
         """
         from vit_lens.loading.open_clip import open_clip_text_parts
 
         parts = open_clip_text_parts(model)
-        vision = HookedViT.from_open_clip(model, dynamic_img_size=dynamic_img_size)
+        if vision is None:
+            vision = HookedViT.from_open_clip(model, dynamic_img_size=dynamic_img_size)
+        elif not isinstance(vision, HookedViT) or vision.cfg.d_proj != model.visual.output_dim:
+            raise ValueError(
+                "vision= must be the HookedViT converted from this model's .visual "
+                f"(image embedding width {model.visual.output_dim})"
+            )
         return cls(vision, tokenizer=tokenizer, **parts)
 
     @classmethod
