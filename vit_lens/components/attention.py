@@ -79,4 +79,5 @@ class Attention(nn.Module):
         if is_hooked(self.hook_result):
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(dim=2) + self.b_O
-        return torch.matmul(z.reshape(batch, pos, h * dh), self.W_O.reshape(h * dh, -1)) + self.b_O
+        out = torch.addmm(self.b_O, z.reshape(batch * pos, h * dh), self.W_O.reshape(h * dh, -1))
+        return out.view(batch, pos, -1)

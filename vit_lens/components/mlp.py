@@ -37,6 +37,8 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # [batch, pos, d_mlp]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        pre = self.hook_pre(torch.matmul(x, self.W_in) + self.b_in)
+        # addmm fuses the bias into the matmul: no extra temporary, as nn.Linear does
+        flat = x.reshape(-1, x.shape[-1])
+        pre = self.hook_pre(torch.addmm(self.b_in, flat, self.W_in).view(*x.shape[:-1], -1))
         post = self.hook_post(self._act(pre))
-        return torch.matmul(post, self.W_out) + self.b_out
+        return torch.addmm(self.b_out, post.reshape(flat.shape[0], -1), self.W_out).view(x.shape)
