@@ -19,7 +19,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+
+from _memory import peak_rss_above_baseline
 
 # name on the command line -> (library, model name in that library)
 MODELS = {
@@ -242,34 +243,6 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int | None:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc), so that the RSS baseline holds no reusable slack."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def probe_memory(key: str, mode: str, batch: int, threads: int) -> dict:
     """Runs in a fresh subprocess: peak RSS of one call above the RSS after building the model."""
     torch.set_num_threads(threads)
@@ -281,11 +254,7 @@ def probe_memory(key: str, mode: str, batch: int, threads: int) -> dict:
     else:
         model = build_prisma(key, source)
     images = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
-    gc.collect()
-    _release_free_heap()
-    reset = _reset_peak_rss()
-    baseline_kib = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with torch.inference_mode():
+    with peak_rss_above_baseline() as peak, torch.inference_mode():
         if mode.endswith("_cache"):
             if mode.startswith("prisma"):
                 _, cache = model.run_with_cache(images, return_cache_object=False)
@@ -295,13 +264,7 @@ def probe_memory(key: str, mode: str, batch: int, threads: int) -> dict:
         else:
             model(images)
             cache_mb = None
-    peak_kib = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "peak_delta_mb": (peak_kib - baseline_kib) * 1024 / 1e6,
-        "baseline_mb": baseline_kib * 1024 / 1e6,
-        "cache_mb": cache_mb,
-        "method": "VmHWM reset via /proc/self/clear_refs" if reset else "ru_maxrss after build (lower bound)",
-    }
+    return dict(peak, cache_mb=cache_mb)
 
 
 def measure_memory(key: str, mode: str, batch: int, threads: int) -> dict:

@@ -1,14 +1,20 @@
-"""The README's quick-start block runs as written (offline, random weights)."""
+"""The README's examples run as written (offline, random weights)."""
 
 import re
 from pathlib import Path
 
+README = (Path(__file__).parents[1] / "README.md").read_text()
 
-def test_quick_start_block_runs():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    quick_start = readme.split("## Quick start", 1)[1]
-    code = re.search(r"```python\n(.*?)```", quick_start, flags=re.DOTALL).group(1)
+
+def first_python_block(section: str) -> str:
+    return re.search(r"```python\n(.*?)```", README.split(section, 1)[1], flags=re.DOTALL).group(1)
+
+
+def test_quick_start_and_decomposition_blocks_run():
     namespace: dict = {}
-    exec(compile(code, "README.md quick start", "exec"), namespace)
+    exec(compile(first_python_block("## Quick start"), "README.md quick start", "exec"), namespace)
     assert namespace["classifier"].shape == (512, 2)
     assert namespace["ablated"].shape == namespace["embed"].shape == (2, 512)
+    exec(compile(first_python_block("## Direct contributions"), "README.md decomposition", "exec"), namespace)
+    assert namespace["heads"].heads().shape == (2, 12, 12, 512)
+    assert namespace["patches"].shape == (2, 2, 12, 14, 14, 2)

@@ -117,7 +117,11 @@ class Contributions:
         layers = sorted(set(self.layer[mask].tolist()))
         n_heads = int(self.head[mask].max()) + 1
         n_tokens = int(self.token[mask].max()) + 1
-        values = self.values[:, mask].reshape(self.values.shape[0], len(layers), n_heads, n_tokens, -1)
+        picked = mask.nonzero().flatten()
+        first, last = int(picked[0]), int(picked[-1])
+        # with every layer expanded the token terms are one contiguous block: a view, not a copy
+        selected = self.values[:, first : last + 1] if mask[first : last + 1].all() else self.values[:, mask]
+        values = selected.reshape(self.values.shape[0], len(layers), n_heads, n_tokens, -1)
         rows, cols = self.grid_size
         prefix = values[:, :, :, : self.n_prefix_tokens]
         return prefix, values[:, :, :, self.n_prefix_tokens :].unflatten(3, (rows, cols))
@@ -385,23 +389,23 @@ class _TermBuilder:
         self.add_output_bias(mlp.b_out, split=n)
 
     def finish(self, level: str) -> Contributions:
-        values = torch.cat(self.terms, dim=1)  # [batch, component, d_out]
         labels, meta = list(self.labels), list(self.meta)
         ln = self.model.ln_final
         ln_bias = ln.b @ self.no_ln if ln is not None else torch.zeros_like(self.no_ln[0])
         if self.ln_mode == "center_each":
-            bias = self.output_biases + ln_bias
-            values = torch.cat([values, bias[:, None]], dim=1)
+            self.terms.append((self.output_biases + ln_bias)[:, None])
             labels.append("bias")
             meta.append((-1, -1, -1, -1))
-        else:
-            # paper: each term takes an equal share of the LayerNorm mean and bias; 1/(2L+1) per group
+        values = torch.cat(self.terms, dim=1)  # [batch, component, d_out]; the only full-size copy
+        self.terms.clear()
+        if self.ln_mode == "paper":
+            # each term takes an equal share of the LayerNorm mean and bias; 1/(2L+1) per group
             shares = torch.cat(self.shares).to(values) / len(self.shares)
             resid = self.cache[f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"]
             mean = torch.einsum("bp,bp->b", self.alpha, resid.mean(-1)) if ln is not None else 0 * self.alpha[:, 0]
             mean_direction = self.project.sum(dim=0)  # 1 @ diag(w) P
             correction = ln_bias[None] - mean[:, None] * mean_direction[None]  # [batch, d_out]
-            values = values + shares[None, :, None] * correction[:, None, :]
+            values.add_(shares[None, :, None] * correction[:, None, :])
         index = torch.tensor(meta, dtype=torch.long).reshape(-1, 4)
         return Contributions(
             values, labels, index[:, 0], index[:, 1], index[:, 2], index[:, 3], level=level,
