@@ -1,0 +1,147 @@
+"""Dataset statistics: streamed means and variances equal torch's over the concatenated data."""
+
+import pytest
+import torch
+
+from vit_lens.statistics import HookStatistics, compute_hook_statistics
+
+NAMES = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern", "hook_image_embed"]
+# The axis each hook's statistics pool over with per_position=False (besides the batch axis).
+TOKEN_AXIS = {"blocks.0.hook_resid_post": 1, "blocks.1.attn.hook_z": 1, "blocks.1.attn.hook_pattern": 2,
+              "hook_image_embed": None}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a busy 2-core machine, intra-op threads turn a 1 ms tiny forward into 250 ms.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def batches() -> list[torch.Tensor]:
+    """Uneven batches: a streamed result must not depend on where the data is split."""
+    return [torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n)) for n in (3, 1, 4, 2)]
+
+
+def concatenated(model, batches, name) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model.run_with_cache(images, names_filter=name)[1][name] for images in batches]).double()
+
+
+def reference(activations: torch.Tensor, token_axis: int | None, per_position: bool, correction: int = 1):
+    """torch's mean and variance over the batch axis (and the token axis, kept with size 1, when pooled)."""
+    dims = (0,) if per_position or token_axis is None else (0, token_axis)
+    mean = activations.mean(dims, keepdim=True)[0]
+    return mean, activations.var(dims, keepdim=True, correction=correction)[0]
+
+
+@pytest.mark.parametrize("per_position", [True, False])
+def test_streamed_statistics_equal_torch_over_the_concatenated_data(tiny_model, batches, per_position):
+    # (images, labels) tuples, as a DataLoader over a labelled dataset yields them
+    data = [(images, torch.zeros(len(images))) for images in batches]
+    stats = compute_hook_statistics(tiny_model, data, NAMES, variance=True, per_position=per_position, progress=False)
+    assert sorted(stats.names) == sorted(NAMES) and stats.per_position is per_position
+    for name in NAMES:
+        activations = concatenated(tiny_model, batches, name)
+        mean, var = reference(activations, TOKEN_AXIS[name], per_position)
+        assert stats.mean(name).dtype == torch.float64
+        assert stats.mean(name).shape == mean.shape, name
+        torch.testing.assert_close(stats.mean(name), mean, atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(stats[name], mean, atol=1e-6, rtol=1e-6, msg=name)
+        torch.testing.assert_close(stats.var(name), var, atol=1e-6, rtol=1e-6, msg=name)
+        _, population_var = reference(activations, TOKEN_AXIS[name], per_position, correction=0)
+        torch.testing.assert_close(stats.var(name, correction=0), population_var, atol=1e-6, rtol=1e-6, msg=name)
+        pooled = not per_position and TOKEN_AXIS[name] is not None
+        assert stats.count(name) == 10 * (activations.shape[TOKEN_AXIS[name]] if pooled else 1)
+
+
+def test_pooled_means_keep_a_size_one_token_axis_that_broadcasts(tiny_model, batches):
+    stats = compute_hook_statistics(tiny_model, batches, NAMES, per_position=False, progress=False)
+    cfg = tiny_model.cfg
+    assert stats.mean("blocks.0.hook_resid_post").shape == (1, cfg.d_model)
+    assert stats.mean("blocks.1.attn.hook_z").shape == (1, cfg.n_heads, cfg.d_head)
+    assert stats.mean("blocks.1.attn.hook_pattern").shape == (cfg.n_heads, 1, cfg.n_ctx)
+    assert stats.mean("hook_image_embed").shape == (cfg.d_proj,)
+
+
+def test_chan_merge_is_stable_for_a_large_offset():
+    """At an offset of 1e9 a float64 sum of squares loses a unit variance; the pairwise merge does not."""
+    data = 1e9 + torch.randn(1000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    stats = HookStatistics(variance=True)
+    for chunk in data.split([1, 7, 500, 2, 490]):
+        stats.update("hook_pooled", chunk)
+    torch.testing.assert_close(stats.mean("hook_pooled"), data.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats.var("hook_pooled"), data.var(0), atol=1e-6, rtol=1e-6)
+    naive = (data.square().sum(0) - data.sum(0).square() / len(data)) / (len(data) - 1)
+    assert (naive - data.var(0)).abs().max() > 1e-2  # the test would catch the naive formula
+
+
+def test_only_the_needed_blocks_run_and_max_batches_stops_early(tiny_model, batches):
+    ran = []
+    record = [(lambda name: name.endswith("hook_resid_post"), lambda activation, hook: ran.append(hook.name))]
+    with tiny_model.hooks(fwd_hooks=record):
+        stats = compute_hook_statistics(tiny_model, iter(batches), ["blocks.0.hook_resid_post"], max_batches=2,
+                                        progress=False)
+    assert ran == ["blocks.0.hook_resid_post"] * 2  # blocks 1 and 2 never ran, and only two batches
+    assert stats.count("blocks.0.hook_resid_post") == 4  # 3 + 1 images
+
+
+def test_filter_function_and_progress_bar(tiny_model, batches, capsys):
+    stats = compute_hook_statistics(tiny_model, batches, lambda name: name.endswith("ln1.hook_scale"), progress=True)
+    assert stats.names == [f"blocks.{l}.ln1.hook_scale" for l in range(tiny_model.cfg.n_layers)]
+    assert "hook statistics" in capsys.readouterr().err
+
+
+def test_save_and_load_round_trip(tiny_model, batches, tmp_path):
+    stats = compute_hook_statistics(tiny_model, batches[:2], NAMES, variance=True, per_position=False, progress=False)
+    path = tmp_path / "stats.safetensors"
+    stats.save(path)
+    loaded = HookStatistics.load(path)
+    assert loaded.names == stats.names and loaded.per_position is False and loaded.variance is True
+    for name in NAMES:
+        assert loaded.count(name) == stats.count(name)
+        assert torch.equal(loaded.mean(name), stats.mean(name))
+        assert torch.equal(loaded.var(name), stats.var(name))
+    # A loaded file keeps accumulating: two halves equal the whole.
+    with torch.no_grad():
+        for images in batches[2:]:
+            for name, activation in tiny_model.run_with_cache(images, names_filter=NAMES)[1].items():
+                loaded.update(name, activation)
+    whole = compute_hook_statistics(tiny_model, batches, NAMES, variance=True, per_position=False, progress=False)
+    for name in NAMES:
+        torch.testing.assert_close(loaded.mean(name), whole.mean(name), atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(loaded.var(name), whole.var(name), atol=1e-9, rtol=1e-9)
+
+
+def test_mistakes_raise_directed_errors(tiny_model, batches, tmp_path):
+    stats = compute_hook_statistics(tiny_model, batches[:1], ["hook_image_embed"], progress=False)
+    with pytest.raises(ValueError, match="without variances; pass variance=True"):
+        stats.var("hook_image_embed")
+    with pytest.raises(KeyError, match=r"No statistics for 'hook_pooled'.*\['hook_image_embed'\]"):
+        stats.mean("hook_pooled")
+    with pytest.raises(ValueError, match="no hook point named 'blocks.9.hook_resid_post'"):
+        compute_hook_statistics(tiny_model, batches, ["blocks.9.hook_resid_post"], progress=False)
+    with pytest.raises(ValueError, match="got no batches"):
+        compute_hook_statistics(tiny_model, [], ["hook_image_embed"], progress=False)
+    with pytest.raises(TypeError, match="got a dict"):
+        compute_hook_statistics(tiny_model, [{"pixel_values": batches[0]}], ["hook_image_embed"], progress=False)
+    stats.update("blocks.0.hook_resid_post", torch.zeros(2, 19, 32))
+    with pytest.raises(ValueError, match=r"had shape \(19, 32\).*\(10, 32\) now"):
+        stats.update("blocks.0.hook_resid_post", torch.zeros(2, 10, 32))
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(other))
+    with pytest.raises(ValueError, match="not a file written by HookStatistics.save"):
+        HookStatistics.load(other)
+
+
+def test_a_name_listed_twice_is_counted_once_and_integer_images_are_refused(tiny_model, batches):
+    stats = compute_hook_statistics(tiny_model, batches[:1], ["hook_pooled", "hook_pooled"], progress=False)
+    assert stats.count("hook_pooled") == 3
+    with pytest.raises(TypeError, match="takes float images"):
+        compute_hook_statistics(tiny_model, [torch.zeros(1, 3, 32, 32, dtype=torch.uint8)], ["hook_pooled"],
+                                progress=False)
