@@ -125,7 +125,7 @@ def test_real_families_reconstruct_their_own_representation(name, source):
     with torch.no_grad():
         target = source.encode_image(images) if is_clip else source.forward_head(source.forward_features(images), pre_logits=True)
         _, cache = model.run_with_cache(images)
-        for level in ("layer", "head", "head_token"):
+        for level in ("layer", "head", "head_token", "neuron"):
             for ln_mode in LN_MODES:
                 parts = direct_contributions(model, cache, level=level, ln_mode=ln_mode, layers=[-1, -2])
                 assert_rel_close(parts.sum(), target, rtol=1e-5, what=f"{name} {level} {ln_mode}")

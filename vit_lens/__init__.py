@@ -15,7 +15,9 @@ _EXPORTS = {
     "ViTConfig": "vit_lens.config",
     "VisionActivationCache": "vit_lens.cache",
 }
-__all__ = list(_EXPORTS)
+# Submodules reachable as attributes (``vit_lens.decompose.direct_contributions``), also imported lazily.
+_SUBMODULES = ("decompose", "interventions", "patching", "pruning", "statistics", "store", "loading")
+__all__ = list(_EXPORTS) + list(_SUBMODULES)
 
 if TYPE_CHECKING:
     from vit_lens.cache import VisionActivationCache
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"vit_lens.{name}")
     raise AttributeError(f"module 'vit_lens' has no attribute {name!r}")
 
 
