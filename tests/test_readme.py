@@ -1,6 +1,8 @@
 """The README's examples run as written (offline, random weights)."""
 
 import re
+
+import torch
 from pathlib import Path
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
@@ -10,7 +12,8 @@ def first_python_block(section: str) -> str:
     return re.search(r"```python\n(.*?)```", README.split(section, 1)[1], flags=re.DOTALL).group(1)
 
 
-def test_quick_start_and_decomposition_blocks_run():
+def test_quick_start_decomposition_and_interventions_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write files
     namespace: dict = {}
     exec(compile(first_python_block("## Quick start"), "README.md quick start", "exec"), namespace)
     assert namespace["classifier"].shape == (512, 2)
@@ -18,3 +21,8 @@ def test_quick_start_and_decomposition_blocks_run():
     exec(compile(first_python_block("## Direct contributions"), "README.md decomposition", "exec"), namespace)
     assert namespace["heads"].heads().shape == (2, 12, 12, 512)
     assert namespace["patches"].shape == (2, 2, 12, 14, 14, 2)
+    exec(compile(first_python_block("## Interventions"), "README.md interventions", "exec"), namespace)
+    assert namespace["by_position"].values.shape == (2, 5)
+    assert namespace["by_head"].values.shape == (12, 12)
+    assert namespace["store"].shape == (6, len(namespace["store"].labels), 512)
+    assert not torch.equal(namespace["masked"], namespace["embed"])
