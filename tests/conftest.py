@@ -34,6 +34,25 @@ def tiny_config(**overrides) -> ViTConfig:
     return ViTConfig(**fields)
 
 
+# Architecture variants of the tiny model, one per kind of source model, for tests that must hold on all.
+FAMILIES = {
+    # CLIP-like: ln_pre, CLS, two registers, projection.
+    "clip_like": {},
+    # timm augreg-like: no ln_pre, CLS, head.
+    "vit_like": dict(n_registers=0, ln_pre=False, d_proj=None, n_classes=5),
+    # DINOv2-reg-like: registers without position embeddings, pooled representation.
+    "dinov2_reg_like": dict(n_registers=4, ln_pre=False, d_proj=None, pos_embed_on_prefix=False),
+    # DeiT distilled: CLS + distillation token, two heads.
+    "deit_distilled_like": dict(n_registers=0, ln_pre=False, d_proj=None, n_classes=5,
+                                distillation_token=True, pool_type="token_dist"),
+    # timm global_pool="avg": mean over patches, then fc_norm.
+    "avg_pool_fc_norm": dict(ln_pre=False, d_proj=None, pool_type="avg", final_norm="post_pool"),
+    # open_clip pool_type="avg" with ln_post before pooling and a projection.
+    "avg_pool_pre_norm_proj": dict(ln_pre=False, d_proj=8, pool_type="avg"),
+    "no_final_norm": dict(final_norm="none"),
+}
+
+
 @pytest.fixture
 def tiny_model() -> HookedViT:
     return HookedViT(tiny_config()).init_weights(seed=0).eval()

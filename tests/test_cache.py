@@ -3,23 +3,13 @@
 import pytest
 import torch
 
-from tests.conftest import assert_rel_close, tiny_config
+from tests.conftest import FAMILIES, assert_rel_close, tiny_config
 from vit_lens import HookedViT, VisionActivationCache
 
-FAMILIES = {
-    # CLIP-like: ln_pre, CLS, two registers, projection.
-    "clip_like": {},
-    # timm augreg-like: no ln_pre, CLS, head.
-    "vit_like": dict(n_registers=0, ln_pre=False, d_proj=None, n_classes=5),
-    # DINOv2-reg-like: registers without position embeddings, pooled representation.
-    "dinov2_reg_like": dict(n_registers=4, ln_pre=False, d_proj=None, pos_embed_on_prefix=False),
-    # DeiT distilled: CLS + distillation token, two heads.
-    "deit_distilled_like": dict(n_registers=0, ln_pre=False, d_proj=None, n_classes=5,
-                                distillation_token=True, pool_type="token_dist"),
-}
+CACHE_FAMILIES = ["clip_like", "vit_like", "dinov2_reg_like", "deit_distilled_like"]
 
 
-@pytest.fixture(params=list(FAMILIES), ids=list(FAMILIES))
+@pytest.fixture(params=CACHE_FAMILIES, ids=CACHE_FAMILIES)
 def run(request, images):
     model = HookedViT(tiny_config(**FAMILIES[request.param])).init_weights(seed=3).eval()
     with torch.no_grad():
@@ -161,3 +151,9 @@ def test_attention_grid_and_negative_layers_in_helpers(run):
     torch.testing.assert_close(grid[:, :, 2, 3], cache["pattern", 1][:, :, 0, n_prefix + 2 * 4 + 3])
     last = model.cfg.n_layers - 1
     torch.testing.assert_close(cache.to_patch_grid(("resid_post", -1)), cache.to_patch_grid(("resid_post", last)))
+
+
+def test_helpers_refuse_activations_without_a_token_axis(run):
+    _, _, cache = run
+    with pytest.raises(ValueError, match="hook_pooled has no token axis"):
+        cache.patch_tokens("hook_pooled")

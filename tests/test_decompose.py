@@ -5,20 +5,10 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import assert_rel_close, tiny_config
+from tests.conftest import FAMILIES, assert_rel_close, tiny_config
 from vit_lens import HookedViT
 from vit_lens.decompose import LEVELS, LN_MODES, direct_contributions, direct_effect_mean_ablation, required_hooks
 
-FAMILIES = {
-    "clip_like": {},
-    "vit_like": dict(n_registers=0, ln_pre=False, d_proj=None, n_classes=5),
-    "dinov2_reg_like": dict(n_registers=4, ln_pre=False, d_proj=None, pos_embed_on_prefix=False),
-    "deit_distilled_like": dict(n_registers=0, ln_pre=False, d_proj=None, n_classes=5,
-                                distillation_token=True, pool_type="token_dist"),
-    "avg_pool_fc_norm": dict(ln_pre=False, d_proj=None, pool_type="avg", final_norm="post_pool"),
-    "avg_pool_pre_norm_proj": dict(ln_pre=False, d_proj=8, pool_type="avg"),
-    "no_final_norm": dict(final_norm="none"),
-}
 
 
 def representation(model, out, cache):

@@ -7,6 +7,8 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from vit_lens._hook_layout import hook_axes
+
 
 class VisionActivationCache(ActivationCache):
     """The activations of one HookedViT run.
@@ -54,11 +56,14 @@ class VisionActivationCache(ActivationCache):
         return self._grid_size
 
     def _pos_axis(self, name: str) -> int:
-        if name.endswith(("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")):
-            return -3
-        if name.endswith(("hook_attn_scores", "hook_pattern")):
-            raise ValueError(f"{name} has two position axes (query, key); index it directly")
-        return -2
+        """The token axis of a cached activation, counted from the end (the batch axis may be gone)."""
+        full_ndim = self[name].ndim + (0 if self.has_batch_dim else 1)
+        axes = hook_axes(name, full_ndim)
+        if axes.key is not None:
+            raise ValueError(f"{name} has two position axes (query, key); use attention_grid or index it directly")
+        if axes.position is None:
+            raise ValueError(f"{name} has no token axis (it comes after pooling)")
+        return axes.position - full_ndim
 
     def prefix_tokens(self, name: str | tuple) -> Tensor:
         """The CLS / distillation / register rows of a cached per-token activation."""
