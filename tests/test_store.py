@@ -38,6 +38,7 @@ def test_store_holds_the_same_numbers_as_in_memory(model, tmp_path):
     torch.testing.assert_close(store[5:11], reference[5:11])
     torch.testing.assert_close(store.component("L2H1"), reference[:, store.labels.index("L2H1")])
     torch.testing.assert_close(store.mean(), reference.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(store.var(), reference.double().var(0).float(), rtol=1e-5, atol=1e-7)
     reopened = ContributionStore(tmp_path / "store")
     assert len(reopened) == 15 and reopened.labels == store.labels
     assert isinstance(reopened._shards[0], np.memmap)

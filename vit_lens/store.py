@@ -154,6 +154,14 @@ class ContributionStore:
             total += np.asarray(shard, dtype=np.float64).sum(axis=0)
         return torch.from_numpy(total / max(len(self), 1)).float()
 
+    def var(self, correction: int = 1) -> Float[Tensor, "component d_out"]:
+        """Variance of every component over the images (a second pass over the shards, float64)."""
+        mean = self.mean().double().numpy()
+        total = np.zeros(self.shape[1:], dtype=np.float64)
+        for shard in self._shards:
+            total += ((np.asarray(shard, dtype=np.float64) - mean) ** 2).sum(axis=0)
+        return torch.from_numpy(total / max(len(self) - correction, 1)).float()
+
     def _locate(self, index: int) -> tuple[int, int]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"image {index} out of range for a store of {len(self)} images")
