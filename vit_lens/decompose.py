@@ -213,7 +213,12 @@ def direct_contributions(
 
 
 def required_hooks(model, level: str = "layer", layers: list[int] | None = None) -> list[str]:
-    """The cache entries :func:`direct_contributions` reads, for a minimal ``names_filter``."""
+    """The cache entries :func:`direct_contributions` reads, for a minimal ``names_filter``.
+
+    Example:
+        >>> _, cache = model.run_with_cache(images, names_filter=required_hooks(model, "head"))  # doctest: +SKIP
+        >>> direct_contributions(model, cache, level="head").sum().shape  # [batch, d_embed]  # doctest: +SKIP
+    """
     cfg = model.cfg
     layers = list(range(cfg.n_layers)) if layers is None else layers
     names = ["blocks.0.hook_resid_pre", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
@@ -249,6 +254,12 @@ def direct_effect_mean_ablation(
 
     Returns:
         ``[batch, d_out]``: the representation after the ablation.
+
+    Example:
+        >>> parts = direct_contributions(model, cache, level="head")  # doctest: +SKIP
+        >>> means = store.mean()  # the same decomposition over a dataset (vit_lens.store)  # doctest: +SKIP
+        >>> late_heads = (parts.layer >= 8) & (parts.head >= 0)  # doctest: +SKIP
+        >>> ablated = direct_effect_mean_ablation(parts, late_heads, means)  # [batch, d_embed]  # doctest: +SKIP
     """
     if components.shape != (len(contributions),) or means.shape != contributions.values.shape[1:]:
         raise ValueError(

@@ -77,6 +77,10 @@ def head_scores(
         layers: Layers to score (default: all).
         scorer: ``scorer(head_terms [batch, head, d], layer_term [batch, d]) -> [batch, head]``.
         ln_mode: Passed to :func:`vit_lens.decompose.direct_contributions`.
+
+    Example:
+        >>> scores = head_scores(model, sample_loader, layers=[-1])  # [n_layers, n_heads]  # doctest: +SKIP
+        >>> scores[-1].argsort(descending=True)[:3]  # the three heads closest to their layer's output  # doctest: +SKIP
     """
     model = getattr(model, "vision", model)
     cfg = model.cfg
@@ -128,6 +132,11 @@ def prune_heads(
 
     Returns:
         A :class:`HeadPruning`; ``.hooks()`` applies it with ``run_with_hooks``.
+
+    Example:
+        >>> pruning = prune_heads(model, sample_images, layers=[10, 11], n_prune=2)  # doctest: +SKIP
+        >>> pruning.coefficients[11]  # [n_heads]; two zeros  # doctest: +SKIP
+        >>> out = model.run_with_hooks(images, fwd_hooks=pruning.hooks())  # doctest: +SKIP
     """
     model = getattr(model, "vision", model)
     cfg = model.cfg
