@@ -186,7 +186,7 @@ def direct_contributions(
             raise ValueError(f"directions must be [d_repr={no_ln.shape[1]}, k], got {tuple(directions.shape)}")
         no_ln = no_ln @ directions.to(no_ln)
     builder = _TermBuilder(model, cache, alpha, no_ln, ln_mode)
-    builder.add("embed", builder.pooled(cache["blocks.0.hook_resid_pre"]))
+    builder.add("embed", builder.pool_positions(cache["blocks.0.hook_resid_pre"]))
     for layer in range(cfg.n_layers):
         attn = model.blocks[layer].attn
         expand = layer in expanded
@@ -198,12 +198,12 @@ def direct_contributions(
         elif expand and level == "head_token":
             builder.add_head_tokens(layer, attn)
         else:
-            builder.add(f"L{layer}ATTN", builder.pooled(cache["attn_out", layer]), layer=layer)
+            builder.add(f"L{layer}ATTN", builder.pool_positions(cache["attn_out", layer]), layer=layer)
         if expand and level == "neuron":
             post = builder.pool_positions(cache["post", layer, "mlp"])  # [batch, d_mlp]
             builder.add_neurons(layer, post, model.blocks[layer].mlp)
         else:
-            builder.add(f"L{layer}MLP", builder.pooled(cache["mlp_out", layer]), layer=layer)
+            builder.add(f"L{layer}MLP", builder.pool_positions(cache["mlp_out", layer]), layer=layer)
     contributions = builder.finish(level)
     if normalize:
         representation_norm = _representation(model, cache).norm(dim=-1)  # [batch]
@@ -350,14 +350,11 @@ class _TermBuilder:
         self.shares: list[Tensor] = []  # per group, [n]: each term's share of its group
         self.labels: list[str] = []
         self.meta: list[tuple[int, int, int, int]] = []  # (layer, head, token, neuron)
-        self.output_biases = torch.zeros_like(alpha[:, 0:1] * self.matrix[0])  # [batch, d_out]
+        self.output_biases = alpha.new_zeros(alpha.shape[0], self.matrix.shape[1])  # [batch, d_out]
 
     def pool_positions(self, act: Tensor) -> Tensor:
         """``sum_p alpha[p] act[:, p]`` for an activation with positions at axis 1."""
         return torch.einsum("bp,bp...->b...", self.alpha, act)
-
-    def pooled(self, act: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
-        return self.pool_positions(act)
 
     def _group(self, labels, terms, meta) -> None:
         self.terms.append(terms)
