@@ -14,9 +14,12 @@ _EXPORTS = {
     "HookedCLIP": "vit_lens.clip",
     "ViTConfig": "vit_lens.config",
     "VisionActivationCache": "vit_lens.cache",
+    "load_toy_clip": "vit_lens.toy.model",
 }
 # Submodules reachable as attributes (``vit_lens.decompose.direct_contributions``), also imported lazily.
-_SUBMODULES = ("decompose", "interventions", "patching", "pruning", "statistics", "store", "loading")
+_SUBMODULES = (
+    "decompose", "interventions", "patching", "pruning", "statistics", "store", "loading", "toy", "plot",
+)
 __all__ = list(_EXPORTS) + list(_SUBMODULES)
 
 if TYPE_CHECKING:
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from vit_lens.clip import HookedCLIP
     from vit_lens.config import ViTConfig
     from vit_lens.hooked_vit import HookedViT
+    from vit_lens.toy.model import load_toy_clip
 
 
 def __getattr__(name: str) -> Any:
