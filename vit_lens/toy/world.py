@@ -184,6 +184,29 @@ def factor_prompts(factor: str) -> list[str]:
     return [caption({"count": "one", "shape": "object", factor: value}, include=[factor]) for value in FACTORS[factor]]
 
 
+def description_pool(max_factors: int = 2) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The world's own descriptions, for TextSpan: every caption mentioning one to ``max_factors``
+    factors, with the factors each one mentions (the ground truth for scoring head roles).
+
+    Example:
+        >>> texts, mentions = description_pool(1)
+        >>> len(texts), texts[0], mentions[0]
+        (23, 'circle', ('shape',))
+    """
+    from itertools import combinations, product
+
+    if not 1 <= max_factors <= len(FACTORS):
+        raise ValueError(f"max_factors must be between 1 and {len(FACTORS)}, got {max_factors}")
+    texts, mentions = [], []
+    for k in range(1, max_factors + 1):
+        for names in combinations(FACTORS, k):
+            for values in product(*(FACTORS[n] for n in names)):
+                scene = {"count": "one", "shape": "object", **dict(zip(names, values))}
+                texts.append(caption(scene, include=names))
+                mentions.append(names)
+    return texts, mentions
+
+
 def _layout_seed(scene: Scene) -> int:
     layout = (scene.phase, *scene.background, *[(o.x, o.y, o.radius) for o in scene.objects])
     return hash(layout) & 0xFFFFFFFF  # hashes of numbers do not depend on PYTHONHASHSEED
