@@ -19,6 +19,7 @@ _EXPORTS = {
 # Submodules reachable as attributes (``vit_lens.decompose.direct_contributions``), also imported lazily.
 _SUBMODULES = (
     "decompose", "interventions", "patching", "pruning", "statistics", "store", "loading", "toy", "plot",
+    "textspan", "pools", "segmentation", "retrieval", "spurious", "datasets", "report",
 )
 __all__ = list(_EXPORTS) + list(_SUBMODULES)
 
