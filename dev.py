@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set up and run vit_lens from a fresh clone, with nothing but Python 3 and a package registry.
 
-    python3 dev.py demo [args]   the main job: `vit-lens demo` (random weights, no download)
+    python3 dev.py demo [args]   the main job: `vit-lens demo` (the built-in toy CLIP; writes an HTML report)
     python3 dev.py test [args]   the whole test suite (pytest; extra args are passed on)
 
 The first run creates ./.venv and installs the package with its test extras; later runs reuse

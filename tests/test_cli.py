@@ -13,8 +13,8 @@ def test_help_does_not_import_torch_or_transformer_lens():
     assert out.split() == ["False", "False"]
 
 
-def test_demo_prints_a_per_layer_table_that_matches_the_source(capsys):
-    assert main(["demo", "--model", "timm:vit_tiny_patch16_224", "--batch", "1"]) == 0
+def test_check_prints_a_per_layer_table_that_matches_the_source(capsys):
+    assert main(["check", "--model", "timm:vit_tiny_patch16_224", "--batch", "1"]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+H\d+ \d+%\s+([\d.e+-]+)$", out, flags=re.MULTILINE)
     assert [int(layer) for layer, _ in rows] == list(range(12))

@@ -26,3 +26,13 @@ def test_quick_start_decomposition_and_interventions_blocks_run(tmp_path, monkey
     assert namespace["by_head"].values.shape == (12, 12)
     assert namespace["store"].shape == (6, len(namespace["store"].labels), 512)
     assert not torch.equal(namespace["masked"], namespace["embed"])
+
+
+def test_toy_and_textspan_blocks_run():
+    namespace: dict = {}
+    exec(compile(first_python_block("## The built-in toy world"), "README.md toy", "exec"), namespace)
+    assert namespace["batch"].images.shape == (64, 3, 64, 64) and namespace["scores"].shape == (64, 4)
+    exec(compile(first_python_block("## TextSpan, head roles"), "README.md textspan", "exec"), namespace)
+    assert namespace["heads"].values.shape[:2] == (500, 22)
+    assert len(namespace["one"].indices) == 5 and namespace["pixels"].shape == (8, 64, 64)
+    assert namespace["similar"].indices.shape == (5,) and namespace["rollout"].shape == (8, 8, 8)

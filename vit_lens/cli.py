@@ -3,9 +3,102 @@
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The report: on the built-in toy CLIP by default, or on real weights."""
+    import torch
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    if args.model == "toy":
+        path = _demo_toy(args)
+    else:
+        path = _demo_real(args)
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Open the report in a browser (it works offline):\n  {path}")
+    return 0
+
+
+def _demo_toy(args: argparse.Namespace):
+    import torch
+
+    from vit_lens.report import demo_report
+    from vit_lens.toy import ToyWorld, description_pool, factor_prompts, load_toy_clip
+
+    if args.image:
+        raise SystemExit("--image needs a real model: add --model open_clip:<arch> --pretrained <tag> (the toy model "
+                         "only sees its own 64x64 world)")
+    print("Loading the built-in toy CLIP (trained by vit_lens on its synthetic world of coloured shapes) ...")
+    clip = load_toy_clip()
+    world = ToyWorld(seed=args.seed)
+    batch = world.sample(args.n_images)
+    shapes = factor_prompts("shape")
+    pool = description_pool()[0]
+    with torch.no_grad():
+        directions = clip.encode_text(shapes, normalize=True)
+        pool_embeddings = clip.encode_text(pool, normalize=True)
+    return demo_report(
+        clip.vision, batch.images, class_names=shapes, class_directions=directions, pool=pool,
+        pool_embeddings=pool_embeddings, textspan_images=world.sample(args.textspan_images).images,
+        out=args.out, titles=batch.captions, true_masks=batch.foreground, model_name="vit_lens toy CLIP",
+    )
+
+
+def _demo_real(args: argparse.Namespace):
+    import torch
+    from PIL import Image
+
+    from vit_lens import HookedCLIP, HookedViT
+    from vit_lens.report import demo_report
+
+    if not args.image:
+        raise SystemExit(f"--model {args.model} needs images: pass one or more --image PATH (jpg/png)")
+    missing = [path for path in args.image if not Path(path).is_file()]
+    if missing:
+        raise SystemExit(f"image file(s) not found: {missing}")
+    kind = args.model.split(":", 1)[0]
+    print(f"Loading {args.model} (pretrained={args.pretrained}) ...")
+    pool = pool_embeddings = None
+    if kind == "open_clip":
+        from vit_lens.loading.open_clip import open_clip_imagenet_classnames
+        from vit_lens.pools import default_text_pool
+
+        clip = HookedCLIP.from_pretrained(args.model, pretrained=args.pretrained)
+        model, preprocess = clip.vision, clip.preprocess
+        names = list(open_clip_imagenet_classnames())
+        print("Encoding the ImageNet class prompts and the TextSpan pool with the text tower ...")
+        with torch.no_grad():
+            directions = torch.cat([clip.encode_text([f"a photo of a {n}." for n in names[i : i + 100]], normalize=True)
+                                    for i in range(0, len(names), 100)])
+            pool = default_text_pool()
+            pool_embeddings = torch.cat([clip.encode_text(pool[i : i + 100], normalize=True) for i in range(0, len(pool), 100)])
+    elif kind == "timm":
+        from vit_lens.loading import load_source_model
+        from vit_lens.loading.timm import timm_class_names
+
+        _, source = load_source_model(args.model, pretrained=args.pretrained)
+        model = HookedViT.from_timm(source)
+        if model.cfg.n_classes == 0 or model.cfg.pool_type == "token_dist":
+            raise SystemExit(f"{args.model}: the demo explains a classifier's logits; this model has "
+                             f"{'no head' if model.cfg.n_classes == 0 else 'two heads (distilled)'}")
+        import timm.data
+
+        preprocess = timm.data.create_transform(**timm.data.resolve_data_config({}, model=source))
+        names = timm_class_names(source)
+        directions = model.head.W_head.T.detach()
+        print("(TextSpan needs a text model: the timm report has no TextSpan section.)")
+    else:
+        raise SystemExit(f"unknown model {args.model!r}: use 'toy', 'open_clip:<arch>' or 'timm:<name>'")
+    images = torch.stack([preprocess(Image.open(path).convert("RGB")) for path in args.image])
+    return demo_report(
+        model, images, class_names=names, class_directions=directions, pool=pool, pool_embeddings=pool_embeddings,
+        out=args.out, titles=[Path(p).name for p in args.image], model_name=args.model,
+    )
+
+
+def _check(args: argparse.Namespace) -> int:
     import torch
 
     from vit_lens import HookedViT
@@ -55,13 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
-        help="build a random-weight model, cache a run and print a per-layer table checked against the source",
+        help="write an HTML report (decomposition, attention maps, TextSpan, segmentation); offline on the toy CLIP",
     )
-    demo.add_argument("--model", default="open_clip:ViT-B-32", help="open_clip:<arch> or timm:<name> (default: %(default)s)")
-    demo.add_argument("--batch", type=int, default=2, help="random images per run (default: %(default)s)")
+    demo.add_argument("--model", default="toy",
+                      help="'toy' (built-in, offline), open_clip:<arch> or timm:<name> (default: %(default)s)")
+    demo.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file for a real model")
+    demo.add_argument("--image", action="append", default=[], help="an image file (repeat for several); real models")
+    demo.add_argument("--out", default="vit_lens_report.html", help="report path (default: %(default)s)")
+    demo.add_argument("--n-images", type=int, default=4, help="toy images in the report (default: %(default)s)")
+    demo.add_argument("--textspan-images", type=int, default=2000,
+                      help="toy images TextSpan analyses (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     demo.set_defaults(run=_demo)
+    check = commands.add_parser(
+        "check",
+        help="build a random-weight source model, cache a run and print a per-layer table checked against it",
+    )
+    check.add_argument("--model", default="open_clip:ViT-B-32", help="open_clip:<arch> or timm:<name> (default: %(default)s)")
+    check.add_argument("--batch", type=int, default=2, help="random images per run (default: %(default)s)")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    check.set_defaults(run=_check)
     return parser
 
 

@@ -160,3 +160,10 @@ def open_clip_tokenizer(arch: str):
     import open_clip
 
     return open_clip.get_tokenizer(arch)
+
+
+def open_clip_imagenet_classnames() -> tuple:
+    """The ImageNet-1k class names open_clip ships for zero-shot evaluation."""
+    from open_clip import IMAGENET_CLASSNAMES
+
+    return tuple(IMAGENET_CLASSNAMES)

@@ -149,3 +149,14 @@ def convert_timm_vit(model: nn.Module, *, dynamic_img_size: bool | None = None) 
             sd["head.b_head_dist"] = src.take("head_dist.bias")
     src.check_all_taken()
     return cfg, sd
+
+
+def timm_class_names(model: nn.Module) -> list[str]:
+    """Readable names of a timm classifier's classes (ImageNet-1k / 21k label sets timm knows)."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset is None:
+        return [f"class {i}" for i in range(model.num_classes)]
+    info = ImageNetInfo(subset)
+    return [info.index_to_description(i).split(",")[0] for i in range(model.num_classes)]

@@ -122,7 +122,8 @@ def load_toy_clip(path: str | Path | None = None, device: str | torch.device = "
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         state = {name: f.get_tensor(name).float() for name in f.keys()}
-    vision_config = json.loads(metadata["vision_config"])
+    # JSON has no tuples: patch_size and image_size come back as lists
+    vision_config = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(metadata["vision_config"]).items()}
     model = build_toy_clip(vision_config, json.loads(metadata["text_config"]), seed=None)
     model.load_state_dict(state, strict=True)
     model.card = json.loads(metadata.get("card", "{}"))

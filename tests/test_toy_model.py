@@ -1,0 +1,47 @@
+"""The shipped toy CLIP: loads offline, is a HookedCLIP, and reads its world's factors as the model card says."""
+
+import pytest
+import torch
+
+import vit_lens
+from vit_lens.toy import FACTORS, ToyWorld, build_toy_clip, factor_prompts, save_toy_clip
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return vit_lens.load_toy_clip()
+
+
+def test_shipped_model_is_a_hooked_clip_with_its_card(clip):
+    assert isinstance(clip, vit_lens.HookedCLIP) and isinstance(clip.vision, vit_lens.HookedViT)
+    cfg = clip.vision.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.grid_size, cfg.d_proj) == (4, 4, 128, (8, 8), 64)
+    assert clip.card["trained"] == "2026-11-24" and "--init" in clip.card["command"]
+
+
+def test_zero_shot_accuracy_per_factor_on_fresh_images(clip):
+    batch = ToyWorld(seed=31).sample(400)
+    with torch.no_grad():
+        image = clip.encode_image(batch.images, normalize=True)
+        accuracy = {
+            f: (image @ clip.encode_text(factor_prompts(f), normalize=True).T).argmax(1).eq(batch.factors[f]).float().mean().item()
+            for f in FACTORS
+        }
+    # the model card's figures (2,000 images): colour 95.6, position 97.0, texture 100, size 86.3, count 45.6, shape 32.7
+    assert accuracy["colour"] > 0.9 and accuracy["position"] > 0.9 and accuracy["texture"] > 0.95
+    assert accuracy["size"] > 0.75
+    assert accuracy["count"] > 0.36 and accuracy["shape"] > 0.27  # above chance (1/3, 1/4), but not learnt
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = build_toy_clip(seed=3)
+    save_toy_clip(model, tmp_path / "m.safetensors", {"note": "test"})
+    loaded = vit_lens.load_toy_clip(tmp_path / "m.safetensors")
+    images = ToyWorld(seed=0).sample(4).images
+    with torch.no_grad():
+        # float16 storage: the embeddings agree to float16 precision
+        expected = model.half().float().encode_image(images)
+        torch.testing.assert_close(loaded.encode_image(images), expected, rtol=1e-4, atol=1e-4)
+    assert loaded.card == {"note": "test"}
+    with pytest.raises(FileNotFoundError, match="no toy CLIP checkpoint at"):
+        vit_lens.load_toy_clip(tmp_path / "missing.safetensors")
