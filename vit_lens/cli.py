@@ -17,7 +17,7 @@ def _demo(args: argparse.Namespace) -> int:
         path = _demo_toy(args)
     else:
         path = _demo_real(args)
-    print(f"\nDone in {time.perf_counter() - started:.0f} s. Open the report in a browser (it works offline):\n  {path}")
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Open the report in a browser (it works offline):\n  {Path(path).resolve()}")
     return 0
 
 
@@ -34,13 +34,13 @@ def _demo_toy(args: argparse.Namespace):
     clip = load_toy_clip()
     world = ToyWorld(seed=args.seed)
     batch = world.sample(args.n_images)
-    shapes = factor_prompts("shape")
+    colours = factor_prompts("colour")  # the factor the toy model reads best (see its model card)
     pool = description_pool()[0]
     with torch.no_grad():
-        directions = clip.encode_text(shapes, normalize=True)
+        directions = clip.encode_text(colours, normalize=True)
         pool_embeddings = clip.encode_text(pool, normalize=True)
     return demo_report(
-        clip.vision, batch.images, class_names=shapes, class_directions=directions, pool=pool,
+        clip.vision, batch.images, class_names=colours, class_directions=directions, pool=pool,
         pool_embeddings=pool_embeddings, textspan_images=world.sample(args.textspan_images).images,
         out=args.out, titles=batch.captions, true_masks=batch.foreground, model_name="vit_lens toy CLIP",
     )

@@ -111,7 +111,8 @@ def image_heatmap(
     colorscale = colorscale or (_DIVERGING if signed else _SEQUENTIAL)
     zmid = 0.0 if zmid is None and signed else zmid
     fig = go.Figure([go.Image(z=rgb), _map_trace(values, colorscale, zmid, opacity, True, colorbar=dict(title=colorbar_title))])
-    fig.update_layout(title=title, width=420, height=380, margin=dict(l=10, r=10, t=40 if title else 10, b=10))
+    fig.update_layout(title=dict(text=title, font=dict(size=13)), width=420, height=400,
+                      margin=dict(l=10, r=10, t=60 if title else 10, b=10))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
     return fig

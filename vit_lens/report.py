@@ -138,7 +138,7 @@ def demo_report(
         attention_maps.append(
             plot.image_heatmap_grid(
                 display[i], grid, titles=[f"L{l}" for l in range(cfg.n_layers)], cols=min(cfg.n_layers, 6),
-                title=f"{titles[i]}: CLS attention to patches (mean over heads)", shared_scale=False,
+                title=f"{titles[i]}<br>CLS attention to patches (mean over heads)", shared_scale=False,
             )
         )
     sections.append(("Where CLS looks, layer by layer", attention_maps))
@@ -164,7 +164,7 @@ def demo_report(
     pixels = upsample(chosen_maps[:, None], tuple(images.shape[-2:]))[:, 0]
     figures, notes = [], []
     for i in range(len(images)):
-        figures.append(plot.image_heatmap(display[i], pixels[i], title=f"{titles[i]}: '{class_names[predicted[i]]}'"))
+        figures.append(plot.image_heatmap(display[i], pixels[i], title=f"{titles[i]}<br>map of '{class_names[predicted[i]]}'"))
         if true_masks is not None:
             guess = pixels[i] > pixels[i].mean()
             truth = true_masks[i].to(guess.device)
