@@ -36,22 +36,13 @@ from vit_lens.segmentation import (
     upsample,
 )
 from vit_lens.textspan import textspan
-from vit_lens.toy import FACTORS, ToyWorld, description_pool, factor_prompts
+from vit_lens.toy import FACTORS, ToyWorld, description_pool, factor_accuracy, factor_prompts
 
 
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-@torch.no_grad()
-def zero_shot(clip, batch) -> dict[str, float]:
-    image = clip.encode_image(batch.images, normalize=True)
-    return {
-        name: (image @ clip.encode_text(factor_prompts(name), normalize=True).T).argmax(1).eq(batch.factors[name]).float().mean().item()
-        for name in FACTORS
-    }
 
 
 @torch.no_grad()
@@ -167,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Toy CLIP scorecard (trained {card.get('trained', '?')}, {card.get('command', '')})\n")
 
     batch = world.sample(args.images)
-    accuracy = zero_shot(clip, batch)
+    accuracy = factor_accuracy(clip, batch)
     print(f"## Zero-shot accuracy per factor ({args.images} fresh images; chance in brackets)\n")
     print(table(["factor", "accuracy", "chance"],
                 [[f, f"{100 * a:.1f}%", f"{100 / len(FACTORS[f]):.0f}%"] for f, a in accuracy.items()]))

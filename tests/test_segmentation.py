@@ -21,12 +21,7 @@ from vit_lens.decompose import direct_contributions
 N_PREFIX = 3  # tiny_model: CLS + 2 registers, then a 4 x 4 grid of patches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ TOKEN_AXIS = {"blocks.0.hook_resid_post": 1, "blocks.1.attn.hook_z": 1, "blocks.
               "hook_image_embed": None}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a busy 2-core machine, intra-op threads turn a 1 ms tiny forward into 250 ms.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture

@@ -68,6 +68,27 @@ def build_toy_clip(
     return HookedCLIP(vision, text, logit_scale, tokenizer=ToyTokenizer(text_config["context_length"]))
 
 
+@torch.no_grad()
+def factor_accuracy(clip: nn.Module, batch: Any) -> dict[str, float]:
+    """Zero-shot accuracy of ``clip`` on a :class:`~vit_lens.toy.ToyBatch`, per factor, with the
+    single-factor prompts of :func:`~vit_lens.toy.factor_prompts` ("red object", "striped background").
+
+    Example:
+        >>> from vit_lens.toy import ToyWorld
+        >>> accuracy = factor_accuracy(load_toy_clip(), ToyWorld(seed=1).sample(200))
+        >>> accuracy["colour"] > 0.9
+        True
+    """
+    from vit_lens.toy.world import FACTORS, factor_prompts
+
+    image = clip.encode_image(batch.images, normalize=True)
+    result = {}
+    for name in FACTORS:
+        text = clip.encode_text(factor_prompts(name), normalize=True)
+        result[name] = (image @ text.T).argmax(1).eq(batch.factors[name].to(image.device)).float().mean().item()
+    return result
+
+
 def save_toy_clip(model: nn.Module, path: str | Path, card: dict[str, Any] | None = None) -> None:
     """Save a toy CLIP's weights in float16 with its configuration (and a model-card dict) as metadata."""
     from safetensors.torch import save_file

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vit_lens.toy.model import TEXT_CONFIG, VISION_CONFIG, build_toy_clip, save_toy_clip
-from vit_lens.toy.world import FACTORS, ToyWorld, caption, factor_prompts
+from vit_lens.toy.model import TEXT_CONFIG, VISION_CONFIG, build_toy_clip, factor_accuracy, save_toy_clip
+from vit_lens.toy.world import FACTORS, ToyWorld, caption
 
 
 def sample_captions(batch, rng: np.random.Generator, full_fraction: float = 0.3):
@@ -60,14 +60,9 @@ def multi_positive_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def zero_shot_accuracy(model, world: ToyWorld, n: int = 1000, seed: int = 12345) -> dict[str, float]:
-    """Per-factor zero-shot accuracy with the single-factor prompts of :func:`factor_prompts`."""
+    """Per-factor zero-shot accuracy on ``n`` images drawn with ``seed`` (:func:`factor_accuracy`)."""
     model.eval()
-    batch = world.sample(n, seed=seed)
-    image = model.encode_image(batch.images, normalize=True)
-    result = {}
-    for name in FACTORS:
-        text = model.encode_text(factor_prompts(name), normalize=True)
-        result[name] = (image @ text.T).argmax(1).eq(batch.factors[name]).float().mean().item()
+    result = factor_accuracy(model, world.sample(n, seed=seed))
     model.train()
     return result
 
