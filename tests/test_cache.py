@@ -157,3 +157,17 @@ def test_helpers_refuse_activations_without_a_token_axis(run):
     _, _, cache = run
     with pytest.raises(ValueError, match="hook_pooled has no token axis"):
         cache.patch_tokens("hook_pooled")
+
+
+def test_per_neuron_stacks_are_refused_when_a_layernorm_sits_between_hook_post_and_w_out():
+    model = HookedViT(tiny_config(mlp_norm=True)).init_weights(seed=0).eval()
+    _, cache = model.run_with_cache(torch.randn(2, 3, 32, 32))
+    # what the refusal protects against: hook_post @ W_out is not this MLP's output
+    post, w_out = cache["blocks.0.mlp.hook_post"], model.blocks[0].mlp.W_out
+    assert (post @ w_out + model.blocks[0].mlp.b_out - cache["blocks.0.hook_mlp_out"]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="ln_hidden"):
+        cache.stack_neuron_results(layer=1)
+    with pytest.raises(ValueError, match="expand_neurons=False"):
+        cache.get_full_resid_decomposition(expand_neurons=True)
+    stack = cache.get_full_resid_decomposition(expand_neurons=False)
+    assert_rel_close(stack.sum(0), cache["blocks.2.hook_resid_post"], 1e-5)

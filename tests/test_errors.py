@@ -65,7 +65,7 @@ def test_hooked_vit_takes_a_config_or_its_dict():
     "kwargs, feature",
     [
         (dict(qk_norm=True), "q/k normalisation"),
-        (dict(global_pool="map"), "attention pooling"),
+        (dict(global_pool="prr"), "attention pooling"),
         (dict(global_pool=""), "global_pool=''"),
         (dict(act_layer="relu"), "activation ReLU"),
     ],

@@ -7,8 +7,8 @@ tokens), so that both read the same layout table as the README's hook list.
 from dataclasses import dataclass
 
 _HEAD_FIRST = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key]
-_TOKEN_HEAD = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")  # [batch, pos, head, d]
-_MLP_NEURONS = ("hook_pre", "hook_post")  # [batch, pos, d_mlp] under mlp.
+_TOKEN_HEAD = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result")  # [batch, pos, head, d]
+_MLP_NEURONS = ("hook_pre", "hook_pre_linear", "hook_post")  # [batch, pos, d_mlp] under mlp.
 _NO_TOKENS = ("hook_pooled", "hook_image_embed", "hook_logits")  # after pooling
 
 
@@ -36,7 +36,7 @@ def hook_axes(name: str, ndim: int) -> HookAxes:
     pooled vector ([batch, d]) depending on the model.
     """
     parent, _, leaf = name.rpartition(".")
-    in_attn = parent.endswith("attn")
+    in_attn = parent.endswith("attn") or parent == "attn_pool"
     if in_attn and leaf in _HEAD_FIRST:
         return HookAxes(position=2, head=1, key=3)
     if in_attn and leaf in _TOKEN_HEAD:

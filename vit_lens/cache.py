@@ -145,6 +145,8 @@ class VisionActivationCache(ActivationCache):
         """
         if apply_ln:
             self._check_final_ln_per_token(layer)
+        if expand_neurons:
+            self._check_neurons_are_post_times_w_out()
         if not self._embed_is_ln_pre:
             return super().get_full_resid_decomposition(
                 layer, mlp_input=mlp_input, expand_neurons=expand_neurons, apply_ln=apply_ln,
@@ -174,6 +176,20 @@ class VisionActivationCache(ActivationCache):
             residual_stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, batch_slice=batch_slice,
             has_batch_dim=has_batch_dim, recompute_ln=recompute_ln,
         )
+
+    def stack_neuron_results(self, *args: Any, **kwargs: Any):
+        """TransformerLens's per-neuron stack (``hook_post * W_out``); refused where that is not the MLP's output."""
+        self._check_neurons_are_post_times_w_out()
+        return super().stack_neuron_results(*args, **kwargs)
+
+    def _check_neurons_are_post_times_w_out(self) -> None:
+        if getattr(self.model.cfg, "mlp_norm", False):
+            raise ValueError(
+                f"{self.model.cfg.model_name} normalises its hidden units before W_out (an MLP LayerNorm, as EVA02), "
+                "so hook_post @ W_out is not the MLP's output and TransformerLens's per-neuron stack would be wrong. "
+                "Use vit_lens.decompose.direct_contributions(model, images, level='neuron'), which reads "
+                "mlp.ln_hidden.hook_normalized, or expand_neurons=False."
+            )
 
     def _check_final_ln_per_token(self, layer: int | None) -> None:
         cfg = self.model.cfg

@@ -74,12 +74,40 @@ class HookedCLIP(nn.Module):
         parts = open_clip_text_parts(model)
         if vision is None:
             vision = HookedViT.from_open_clip(model, dynamic_img_size=dynamic_img_size)
-        elif not isinstance(vision, HookedViT) or vision.cfg.d_proj != model.visual.output_dim:
-            raise ValueError(
-                "vision= must be the HookedViT converted from this model's .visual "
-                f"(image embedding width {model.visual.output_dim})"
-            )
+        else:
+            # timm towers (EVA-CLIP, SigLIP) do not store output_dim
+            width = getattr(model.visual, "output_dim", None)
+            if not isinstance(vision, HookedViT) or (width is not None and vision.cfg.d_output != width):
+                raise ValueError(
+                    f"vision= must be the HookedViT converted from this model's .visual (image embedding width {width})"
+                )
         return cls(vision, tokenizer=tokenizer, **parts)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, processor: Any = None) -> "HookedCLIP":
+        """Wrap a transformers ``CLIPModel`` (or ``SiglipModel``).
+
+        Args:
+            model: The transformers model with both towers.
+            processor: Its ``CLIPProcessor`` / ``AutoProcessor`` (optional): gives ``tokenize``
+                (strings to ``input_ids``; SigLIP pads to ``max_length`` as it was trained) and
+                ``preprocess`` (a PIL image to a ``[3, H, W]`` tensor).
+
+        Example:
+            >>> import torch, transformers, vit_lens
+            >>> config = transformers.CLIPConfig(
+            ...     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            ...                      vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2),
+            ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            ...                        image_size=32, patch_size=8), projection_dim=16)
+            >>> clip = vit_lens.HookedCLIP.from_hf(transformers.CLIPModel(config).eval())
+            >>> clip(torch.randn(2, 3, 32, 32), torch.tensor([[1, 5, 2], [1, 7, 2]])).shape
+            torch.Size([2, 2])
+        """
+        from vit_lens.loading.hf import hf_clip_text_parts
+
+        parts = hf_clip_text_parts(model, processor)
+        return cls(HookedViT.from_hf(model), **parts)
 
     @classmethod
     def from_pretrained(cls, name: str, pretrained: str | None = None, **kwargs: Any) -> "HookedCLIP":

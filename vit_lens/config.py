@@ -5,9 +5,11 @@ guessed from a model name. Training, logging and device settings do not belong h
 """
 
 from dataclasses import asdict, dataclass, field
-_ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu")
-_POOL_TYPES = ("token", "token_dist", "avg", "max", "avgmax")
+_ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+_POOL_TYPES = ("token", "token_dist", "avg", "max", "avgmax", "map")
 _FINAL_NORMS = ("pre_pool", "post_pool", "none")
+_MLP_TYPES = ("standard", "gated")
+_ROTARY = ("none", "interleaved", "half")
 
 
 def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -35,7 +37,18 @@ class ViTConfig:
         patch_size: (height, width) of one patch in pixels.
         image_size: (height, width) the position embeddings were trained for.
         in_channels: Input channels (3 for RGB).
-        act_fn: MLP nonlinearity: exact ``"gelu"``, ``"gelu_tanh"`` or CLIP's ``"quick_gelu"``.
+        act_fn: MLP nonlinearity: exact ``"gelu"``, ``"gelu_tanh"``, CLIP's ``"quick_gelu"`` or
+            ``"silu"`` (the gate of a SwiGLU MLP).
+        mlp_type: ``"standard"`` (``act(x W_in) W_out``) or ``"gated"`` (SwiGLU / GLU:
+            ``(act(x W_gate) * (x W_in)) W_out``, EVA02 and DINOv2-giant).
+        mlp_norm: Whether a LayerNorm acts on the MLP's hidden activations before ``W_out``
+            (``mlp.ln_hidden``; EVA02's ``scale_mlp``, NormFormer style).
+        attn_norm: Whether a LayerNorm acts on the concatenated head outputs ``z`` before
+            ``W_O`` (``attn.ln_z``; EVA-CLIP's ``scale_attn_inner``).
+        rotary: Rotary position embedding of q and k on the patch tokens (prefix tokens are not
+            rotated, as in timm's EVA): ``"none"``, ``"interleaved"`` (pairs ``(x0, x1)``) or
+            ``"half"`` (pairs ``(x_i, x_{i + d/2})``). The sine/cosine table is taken from the
+            source model (``rotary.sin_cos``), never recomputed.
         eps: LayerNorm epsilon (shared by every LayerNorm of the tower).
         class_token: Whether a CLS token is prepended.
         distillation_token: Whether a DeiT distillation token follows CLS.
@@ -49,9 +62,14 @@ class ViTConfig:
             pooling (``"pre_pool"``: CLIP's ``ln_post``, timm's ``norm``), on the pooled vector
             (``"post_pool"``: timm's ``fc_norm``, open_clip's ``final_ln_after_pool``), or absent.
         pool_type: ``"token"`` (CLS), ``"token_dist"`` (CLS and distillation token, DeiT),
-            ``"avg"``, ``"max"`` or ``"avgmax"`` over tokens.
-        pool_include_prefix: Whether avg/max pooling includes the prefix tokens.
+            ``"avg"``, ``"max"`` or ``"avgmax"`` over tokens, or ``"map"``: multi-head attention
+            pooling with a learned latent query, then a residual LayerNorm + MLP (SigLIP's
+            ``attn_pool`` / ``head``).
+        pool_include_prefix: Whether avg/max/map pooling includes the prefix tokens.
+        map_n_heads: Heads of the attention pool (``pool_type="map"`` only).
+        map_d_mlp: Hidden width of the attention pool's MLP (``pool_type="map"`` only).
         d_proj: Output width of a CLIP image projection, or None.
+        proj_bias: Whether the projection has a bias (``b_proj``; EVA-CLIP's timm head).
         n_classes: Classes of a classification head (0: no head).
         dynamic_img_size: Whether other image sizes are accepted by resampling the position
             embeddings (bicubic, antialiased, as timm's ``dynamic_img_size`` does).
@@ -70,6 +88,10 @@ class ViTConfig:
     image_size: int | tuple[int, int]
     in_channels: int = 3
     act_fn: str = "gelu"  # one of _ACT_FNS; checked in __post_init__ with a directed message
+    mlp_type: str = "standard"  # one of _MLP_TYPES
+    mlp_norm: bool = False
+    attn_norm: bool = False
+    rotary: str = "none"  # one of _ROTARY
     eps: float = 1e-5
     class_token: bool = True
     distillation_token: bool = False
@@ -80,7 +102,10 @@ class ViTConfig:
     final_norm: str = "pre_pool"  # one of _FINAL_NORMS
     pool_type: str = "token"  # one of _POOL_TYPES
     pool_include_prefix: bool = False
+    map_n_heads: int = 0
+    map_d_mlp: int = 0
     d_proj: int | None = None
+    proj_bias: bool = False
     n_classes: int = 0
     dynamic_img_size: bool = False
     use_attn_result: bool = False
@@ -99,6 +124,24 @@ class ViTConfig:
                 raise ValueError(f"ViTConfig.{name} must be a positive int, got {value!r}")
         if self.act_fn not in _ACT_FNS:
             raise ValueError(f"ViTConfig.act_fn must be one of {_ACT_FNS}, got {self.act_fn!r}")
+        if self.mlp_type not in _MLP_TYPES:
+            raise ValueError(f"ViTConfig.mlp_type must be one of {_MLP_TYPES}, got {self.mlp_type!r}")
+        if self.rotary not in _ROTARY:
+            raise ValueError(f"ViTConfig.rotary must be one of {_ROTARY}, got {self.rotary!r}")
+        if self.rotary != "none" and self.d_head % 2:
+            raise ValueError(f"ViTConfig.rotary needs an even d_head, got {self.d_head}")
+        if self.rotary != "none" and self.dynamic_img_size:
+            raise ValueError(
+                "ViTConfig.rotary takes the rotary table of one patch grid from the source model, so "
+                "dynamic_img_size=True is not supported with it; resize images to image_size"
+            )
+        if self.pool_type == "map" and (self.map_n_heads <= 0 or self.map_d_mlp <= 0 or self.d_model % self.map_n_heads):
+            raise ValueError(
+                "ViTConfig.pool_type='map' needs map_n_heads > 0 dividing d_model and map_d_mlp > 0, got "
+                f"map_n_heads={self.map_n_heads}, map_d_mlp={self.map_d_mlp}, d_model={self.d_model}"
+            )
+        if self.proj_bias and self.d_proj is None:
+            raise ValueError("ViTConfig.proj_bias=True needs a projection (d_proj)")
         if self.pool_type not in _POOL_TYPES:
             raise ValueError(f"ViTConfig.pool_type must be one of {_POOL_TYPES}, got {self.pool_type!r}")
         if self.final_norm not in _FINAL_NORMS:

@@ -23,6 +23,15 @@ is ``S_i = sum_p alpha[p] c_i[p]`` and
   is split equally over its heads (and tokens), an MLP's over its neurons. ``normalize=True``
   divides every term by ``||r||`` so that they sum to the unit-norm embedding, as that code does.
 
+Attention pooling (SigLIP's MAP head, ``pool_type="map"``) is linear in the residual stream too
+once its pattern and the final LayerNorm's scales are fixed: each pool head ``r`` reads position
+``p`` with weight ``pattern[r, p] / scale[p]`` through ``W_V[r] W_O[r]``, so every component's term
+is a sum over the pool's heads, its biases join ``"bias"``, and the pool's own MLP is one more
+term, ``"POOLMLP"`` (``center_each`` only). A projection bias (EVA-CLIP) joins ``"bias"``. Models
+with a LayerNorm inside attention or the MLP (EVA02's ``attn.ln_z`` / ``mlp.ln_hidden``) split at
+head / neuron level through that norm's output: head ``h``'s term reads ``ln_z``'s normalised
+slice for ``h``, neuron ``n``'s term ``ln_hidden``'s normalised unit ``n``.
+
 ``"head_token"`` never builds the ``[batch, query, key, head, d]`` tensor: it forms the pooled
 query row of each pattern (``sum_p alpha[p] pattern[p, k]``) first, and with ``directions`` it
 projects each head's value vectors onto them before expanding over tokens.
@@ -38,7 +47,7 @@ from vit_lens.cache import VisionActivationCache
 
 LEVELS = ("layer", "head", "head_token", "neuron")
 LN_MODES = ("center_each", "paper")
-_LINEAR_POOLS = ("token", "token_dist", "avg")
+_LINEAR_POOLS = ("token", "token_dist", "avg", "map")
 
 
 @dataclass
@@ -171,7 +180,17 @@ def direct_contributions(
             f"{cfg.model_name} pools with {cfg.pool_type!r}, which is not linear in the residual stream, so the "
             f"representation has no exact additive decomposition; supported pooling: {_LINEAR_POOLS}"
         )
+    if cfg.pool_type == "map" and (ln_mode != "center_each" or cfg.final_norm == "post_pool"):
+        raise NotImplementedError(
+            f"{cfg.model_name} pools with an attention pool (MAP head); its decomposition is implemented for "
+            "ln_mode='center_each' with the final LayerNorm before the pool. Use ln_mode='center_each'."
+        )
     expanded = list(range(cfg.n_layers)) if layers is None else _check_layers(layers, cfg.n_layers)
+    if level == "head_token" and cfg.attn_norm:
+        raise NotImplementedError(
+            f"{cfg.model_name} normalises the concatenated heads before W_O (attn.ln_z, EVA-CLIP's scale_attn_inner), "
+            "so a head's output is not a sum over source tokens; use level='head' (exact) instead of 'head_token'."
+        )
     missing = [name for name in required_hooks(model, level, expanded) if name not in cache.cache_dict]
     if missing:
         raise KeyError(
@@ -179,20 +198,22 @@ def direct_contributions(
             f"model.run_with_cache(images, names_filter=vit_lens.decompose.required_hooks(model, {level!r}))"
         )
 
-    alpha = _pooling_over_scale(model, cache)  # [batch, pos]
+    alpha = _readout_over_scale(model, cache)  # [batch, readout, pos]
     no_ln = _projection(model)  # [d_model, d_repr]: P
+    readout_bias = _readout_bias(model)  # [d_repr]
     if directions is not None:
         if directions.ndim != 2 or directions.shape[0] != no_ln.shape[1]:
             raise ValueError(f"directions must be [d_repr={no_ln.shape[1]}, k], got {tuple(directions.shape)}")
         no_ln = no_ln @ directions.to(no_ln)
-    builder = _TermBuilder(model, cache, alpha, no_ln, ln_mode)
+        readout_bias = readout_bias @ directions.to(no_ln)
+    builder = _TermBuilder(model, cache, alpha, no_ln, ln_mode, readout_bias)
     builder.add("embed", builder.pool_positions(cache["blocks.0.hook_resid_pre"]))
     for layer in range(cfg.n_layers):
         attn = model.blocks[layer].attn
         expand = layer in expanded
         if expand and level == "head":
-            z = builder.pool_positions(cache["z", layer])  # [batch, head, d_head]
-            per_head = torch.einsum("bhd,hdm->bhm", z, attn.W_O)
+            z = builder.pool_positions(_head_outputs(model, cache, layer))  # [batch, readout, head, d_head]
+            per_head = torch.einsum("brhd,hdm->brhm", z, attn.W_O)
             builder.add_many([f"L{layer}H{h}" for h in range(cfg.n_heads)], per_head, layer, range(cfg.n_heads))
             builder.add_output_bias(attn.b_O, split=cfg.n_heads)
         elif expand and level == "head_token":
@@ -200,10 +221,12 @@ def direct_contributions(
         else:
             builder.add(f"L{layer}ATTN", builder.pool_positions(cache["attn_out", layer]), layer=layer)
         if expand and level == "neuron":
-            post = builder.pool_positions(cache["post", layer, "mlp"])  # [batch, d_mlp]
+            post = builder.pool_positions(cache[_neuron_hook(model, layer)])  # [batch, readout, d_mlp]
             builder.add_neurons(layer, post, model.blocks[layer].mlp)
         else:
             builder.add(f"L{layer}MLP", builder.pool_positions(cache["mlp_out", layer]), layer=layer)
+    if cfg.pool_type == "map":
+        builder.add_direct("POOLMLP", cache["attn_pool.hook_mlp_out"] @ builder.no_ln)
     contributions = builder.finish(level)
     if normalize:
         representation_norm = _representation(model, cache).norm(dim=-1)  # [batch]
@@ -224,16 +247,33 @@ def required_hooks(model, level: str = "layer", layers: list[int] | None = None)
     names = ["blocks.0.hook_resid_pre", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
     if cfg.final_norm != "none":
         names.append("ln_final.hook_scale")
+    if cfg.pool_type == "map":
+        names += ["attn_pool.hook_pattern", "attn_pool.hook_mlp_out", "hook_pooled"]
     for layer in range(cfg.n_layers):
         expand = layer in layers
         if expand and level == "head":
-            names.append(f"blocks.{layer}.attn.hook_z")
+            names.append(f"blocks.{layer}.attn.ln_z.hook_normalized" if cfg.attn_norm else f"blocks.{layer}.attn.hook_z")
         elif expand and level == "head_token":
             names += [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"]
         else:
             names.append(f"blocks.{layer}.hook_attn_out")
-        names.append(f"blocks.{layer}.mlp.hook_post" if expand and level == "neuron" else f"blocks.{layer}.hook_mlp_out")
+        names.append(_neuron_hook(model, layer) if expand and level == "neuron" else f"blocks.{layer}.hook_mlp_out")
     return names
+
+
+def _neuron_hook(model, layer: int) -> str:
+    """What ``W_out`` reads: ``hook_post``, or the inner LayerNorm's output where the MLP has one."""
+    if model.cfg.mlp_norm:
+        return f"blocks.{layer}.mlp.ln_hidden.hook_normalized"
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+def _head_outputs(model, cache: VisionActivationCache, layer: int) -> Float[Tensor, "batch pos head d_head"]:
+    """What ``W_O`` reads per head: ``hook_z``, or ``attn.ln_z``'s output split into heads."""
+    if not model.cfg.attn_norm:
+        return cache["z", layer]
+    normalized = cache[f"blocks.{layer}.attn.ln_z.hook_normalized"]
+    return normalized.unflatten(-1, (model.cfg.n_heads, model.cfg.d_head))
 
 
 def direct_effect_mean_ablation(
@@ -295,17 +335,46 @@ def _pooling_weights(model, n_pos: int, device, dtype) -> Tensor:
     return weights
 
 
-def _pooling_over_scale(model, cache: VisionActivationCache) -> Float[Tensor, "batch pos"]:
-    """Pooling weight of each position divided by the final LayerNorm scale that applies to it."""
-    resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+def _readout_over_scale(model, cache: VisionActivationCache) -> Float[Tensor, "batch readout pos"]:
+    """Weight of each position in each readout (one readout, or one per attention-pool head),
+    divided by the final LayerNorm scale that applies to it."""
+    cfg = model.cfg
+    resid = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
     batch, n_pos, _ = resid.shape
-    weights = _pooling_weights(model, n_pos, resid.device, resid.dtype)[None].expand(batch, -1)
-    if model.cfg.final_norm == "none":
+    if cfg.pool_type == "map":
+        pattern = cache["attn_pool.hook_pattern"][:, :, 0]  # [batch, pool head, pooled tokens]
+        weights = pattern.new_zeros(batch, pattern.shape[1], n_pos)
+        weights[:, :, n_pos - pattern.shape[-1] :] = pattern
+    else:
+        weights = _pooling_weights(model, n_pos, resid.device, resid.dtype)[None, None].expand(batch, 1, -1)
+    if cfg.final_norm == "none":
         return weights
     scale = cache["ln_final.hook_scale"]
-    if model.cfg.final_norm == "pre_pool":
-        return weights / scale[..., 0]  # [batch, pos]
-    return weights / scale  # post-pool: one scale per image, [batch, 1]
+    if cfg.final_norm == "pre_pool":
+        return weights / scale[:, None, :, 0]  # [batch, readout, pos]
+    return weights / scale[:, :, None]  # post-pool: one scale per image
+
+
+def _readout_mixers(model) -> Float[Tensor, "readout d_model d_model"] | None:
+    """Per attention-pool head, ``W_V[r] W_O[r]``: what the pool does to a (normalised) token; None otherwise."""
+    if model.cfg.pool_type != "map":
+        return None
+    pool = model.attn_pool
+    return torch.einsum("rmd,rdn->rmn", pool.W_V, pool.W_O)
+
+
+def _readout_bias(model) -> Float[Tensor, "d_repr"]:
+    """The constant part of the representation: LayerNorm bias through the readout, pool biases, projection bias."""
+    projection = _projection(model)
+    mixers = _readout_mixers(model)
+    bias = model.ln_final.b if model.ln_final is not None else torch.zeros_like(projection[:, 0])
+    if mixers is not None:
+        pool = model.attn_pool
+        bias = bias @ mixers.sum(0) + torch.einsum("rd,rdm->m", pool.b_V, pool.W_O) + pool.b_O
+    bias = bias @ projection
+    if model.cfg.proj_bias:
+        bias = bias + model.b_proj
+    return bias
 
 
 def _projection(model) -> Float[Tensor, "d_model d_repr"]:
@@ -320,8 +389,10 @@ def _representation(model, cache: VisionActivationCache) -> Float[Tensor, "batch
     """The representation itself: the CLIP embedding, or the normalised pooled pre-head vector."""
     if "hook_image_embed" in cache.cache_dict:
         return cache["hook_image_embed"]
+    if model.cfg.pool_type == "map":
+        return cache["hook_pooled"]
     resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
-    alpha = _pooling_over_scale(model, cache)
+    alpha = _readout_over_scale(model, cache)[:, 0]
     pooled = torch.einsum("bp,bpd->bd", alpha, resid)
     if model.ln_final is None:
         return pooled @ _projection(model)
@@ -332,29 +403,35 @@ def _representation(model, cache: VisionActivationCache) -> Float[Tensor, "batch
 class _TermBuilder:
     """Collects each component's pooled residual part and maps it through the readout.
 
-    ``no_ln`` is ``P`` (then the directions); ``project`` is ``diag(w_ln) P``; ``centred`` is
-    ``project`` with its mean over the d_model axis removed, so ``v @ centred == centre(v) @ project``.
+    There is one readout (``R = 1``) for token / average pooling and one per head of an attention
+    pool (``R = map_n_heads``); ``alpha`` is ``[batch, R, pos]``. ``no_ln`` is ``P`` (then the
+    directions); ``project[r]`` is ``diag(w_ln) M_r P`` (``M_r``: the pool head's ``W_V W_O``, or
+    the identity); ``centred`` removes its mean over the d_model axis, so
+    ``v @ centred[r] == centre(v) @ project[r]``.
     """
 
-    def __init__(self, model, cache, alpha, no_ln, ln_mode):
+    def __init__(self, model, cache, alpha, no_ln, ln_mode, readout_bias):
         self.model = model
         self.cache = cache
-        self.alpha = alpha  # [batch, pos]
+        self.alpha = alpha  # [batch, R, pos]
         self.no_ln = no_ln
+        mixers = _readout_mixers(model)
+        readouts = no_ln[None] if mixers is None else torch.einsum("rmn,no->rmo", mixers, no_ln)
         ln = model.ln_final
-        self.project = ln.w[:, None] * no_ln if ln is not None else no_ln
-        self.centred = self.project - self.project.mean(dim=0, keepdim=True) if ln is not None else no_ln
+        self.project = ln.w[None, :, None] * readouts if ln is not None else readouts  # [R, d_model, d_out]
+        self.centred = self.project - self.project.mean(dim=1, keepdim=True) if ln is not None else readouts
         self.ln_mode = ln_mode
         self.matrix = self.centred if ln_mode == "center_each" else self.project
+        self.readout_bias = readout_bias  # [d_out]
         self.terms: list[Tensor] = []  # each [batch, n, d_out]
         self.shares: list[Tensor] = []  # per group, [n]: each term's share of its group
         self.labels: list[str] = []
         self.meta: list[tuple[int, int, int, int]] = []  # (layer, head, token, neuron)
-        self.output_biases = alpha.new_zeros(alpha.shape[0], self.matrix.shape[1])  # [batch, d_out]
+        self.output_biases = alpha.new_zeros(alpha.shape[0], self.matrix.shape[-1])  # [batch, d_out]
 
     def pool_positions(self, act: Tensor) -> Tensor:
-        """``sum_p alpha[p] act[:, p]`` for an activation with positions at axis 1."""
-        return torch.einsum("bp,bp...->b...", self.alpha, act)
+        """``sum_p alpha[r, p] act[:, p]`` for an activation with positions at axis 1: ``[batch, R, ...]``."""
+        return torch.einsum("brp,bp...->br...", self.alpha, act)
 
     def _group(self, labels, terms, meta) -> None:
         self.terms.append(terms)
@@ -363,14 +440,19 @@ class _TermBuilder:
         self.meta += meta
 
     def add(self, label: str, vector: Tensor, layer: int = -1) -> None:
-        self._group([label], (vector @ self.matrix)[:, None], [(layer, -1, -1, -1)])
+        self._group([label], torch.einsum("brm,rmo->bo", vector, self.matrix)[:, None], [(layer, -1, -1, -1)])
+
+    def add_direct(self, label: str, term: Float[Tensor, "batch d_out"]) -> None:
+        """A term already in output space (the attention pool's own MLP)."""
+        self._group([label], term[:, None], [(-1, -1, -1, -1)])
 
     def add_many(self, labels: list[str], vectors: Tensor, layer: int, heads) -> None:
-        self._group(labels, vectors @ self.matrix, [(layer, h, -1, -1) for h in heads])
+        terms = torch.einsum("brnm,rmo->bno", vectors, self.matrix)
+        self._group(labels, terms, [(layer, h, -1, -1) for h in heads])
 
     def add_output_bias(self, bias: Float[Tensor, "d_model"], split: int) -> None:
         """A bias written at every position: to the 'bias' term, or split over the last group (paper)."""
-        pooled = self.alpha.sum(-1)[:, None] * bias @ self.matrix  # [batch, d_out]
+        pooled = torch.einsum("br,m,rmo->bo", self.alpha.sum(-1), bias, self.matrix)  # [batch, d_out]
         if self.ln_mode == "center_each":
             self.output_biases = self.output_biases + pooled
         else:
@@ -378,10 +460,13 @@ class _TermBuilder:
 
     def add_head_tokens(self, layer: int, attn) -> None:
         pattern, v = self.cache["pattern", layer], self.cache["v", layer]  # [b, h, q, k], [b, k, h, d_head]
-        pooled_row = torch.einsum("bp,bhpk->bhk", self.alpha, pattern)  # only the pooled query row
-        # each head's value vectors go through W_O and the readout before expanding over tokens
-        values_out = torch.einsum("bkhd,hdm->bhkm", v, torch.einsum("hdm,mo->hdo", attn.W_O, self.matrix))
-        terms = pooled_row[..., None] * values_out  # [b, h, k, d_out]
+        terms = None
+        for readout in range(self.matrix.shape[0]):
+            pooled_row = torch.einsum("bp,bhpk->bhk", self.alpha[:, readout], pattern)  # only the pooled query row
+            # each head's value vectors go through W_O and the readout before expanding over tokens
+            head_out = torch.einsum("hdm,mo->hdo", attn.W_O, self.matrix[readout])
+            part = pooled_row[..., None] * torch.einsum("bkhd,hdo->bhko", v, head_out)  # [b, h, k, d_out]
+            terms = part if terms is None else terms + part
         batch, n_heads, n_tokens, d_out = terms.shape
         self._group(
             [f"L{layer}H{h}T{t}" for h in range(n_heads) for t in range(n_tokens)],
@@ -390,8 +475,11 @@ class _TermBuilder:
         )
         self.add_output_bias(attn.b_O, split=n_heads * n_tokens)
 
-    def add_neurons(self, layer: int, post: Float[Tensor, "batch d_mlp"], mlp) -> None:
-        terms = post[..., None] * (mlp.W_out @ self.matrix)[None]  # [b, d_mlp, d_out]
+    def add_neurons(self, layer: int, post: Float[Tensor, "batch readout d_mlp"], mlp) -> None:
+        terms = None
+        for readout in range(self.matrix.shape[0]):
+            part = post[:, readout, :, None] * (mlp.W_out @ self.matrix[readout])[None]  # [b, d_mlp, d_out]
+            terms = part if terms is None else terms + part
         n = terms.shape[1]
         self._group([f"L{layer}N{i}" for i in range(n)], terms, [(layer, -1, -1, i) for i in range(n)])
         self.add_output_bias(mlp.b_out, split=n)
@@ -399,9 +487,8 @@ class _TermBuilder:
     def finish(self, level: str) -> Contributions:
         labels, meta = list(self.labels), list(self.meta)
         ln = self.model.ln_final
-        ln_bias = ln.b @ self.no_ln if ln is not None else torch.zeros_like(self.no_ln[0])
         if self.ln_mode == "center_each":
-            self.terms.append((self.output_biases + ln_bias)[:, None])
+            self.terms.append((self.output_biases + self.readout_bias)[:, None])
             labels.append("bias")
             meta.append((-1, -1, -1, -1))
         values = torch.cat(self.terms, dim=1)  # [batch, component, d_out]; the only full-size copy
@@ -410,9 +497,10 @@ class _TermBuilder:
             # each term takes an equal share of the LayerNorm mean and bias; 1/(2L+1) per group
             shares = torch.cat(self.shares).to(values) / len(self.shares)
             resid = self.cache[f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"]
-            mean = torch.einsum("bp,bp->b", self.alpha, resid.mean(-1)) if ln is not None else 0 * self.alpha[:, 0]
-            mean_direction = self.project.sum(dim=0)  # 1 @ diag(w) P
-            correction = ln_bias[None] - mean[:, None] * mean_direction[None]  # [batch, d_out]
+            alpha = self.alpha[:, 0]
+            mean = torch.einsum("bp,bp->b", alpha, resid.mean(-1)) if ln is not None else 0 * alpha[:, 0]
+            mean_direction = self.project[0].sum(dim=0)  # 1 @ diag(w) P
+            correction = self.readout_bias[None] - mean[:, None] * mean_direction[None]  # [batch, d_out]
             values.add_(shares[None, :, None] * correction[:, None, :])
         index = torch.tensor(meta, dtype=torch.long).reshape(-1, 4)
         return Contributions(

@@ -12,7 +12,7 @@ from transformer_lens.hook_points import HookPoint
 
 from vit_lens._hook_checks import CheckedHook, check_hook_signature, unknown_hook_error
 from vit_lens.cache import VisionActivationCache
-from vit_lens.components import Embed, Head, LayerNorm, Pool, PosEmbed, TransformerBlock
+from vit_lens.components import AttentionPool, Embed, Head, LayerNorm, Pool, PosEmbed, TransformerBlock
 from vit_lens.components._hooks import is_hooked
 from vit_lens.config import ViTConfig
 
@@ -37,12 +37,17 @@ class HookedViT(HookedRootModule):
     ``blocks.{l}.ln1/ln2.hook_scale``         [batch, pos, 1]
     ``blocks.{l}.ln1/ln2.hook_normalized``    [batch, pos, d_model]
     ``blocks.{l}.attn.hook_q/k/v/z``          [batch, pos, head, d_head]
+    ``blocks.{l}.attn.hook_rot_q/rot_k``      [batch, pos, head, d_head] (rotary models)
+    ``blocks.{l}.attn.ln_z.*``                sub-LayerNorm on z (EVA-CLIP)
     ``blocks.{l}.attn.hook_attn_scores``      [batch, head, query, key] (scaled, pre-softmax)
     ``blocks.{l}.attn.hook_pattern``          [batch, head, query, key]
     ``blocks.{l}.attn.hook_result``           [batch, pos, head, d_model] (only when hooked)
     ``blocks.{l}.hook_attn_out/mlp_out``      [batch, pos, d_model] (LayerScale included)
     ``blocks.{l}.mlp.hook_pre/hook_post``     [batch, pos, d_mlp]
+    ``blocks.{l}.mlp.hook_pre_linear``        [batch, pos, d_mlp] (gated MLPs: the linear branch)
+    ``blocks.{l}.mlp.ln_hidden.*``            sub-LayerNorm on the hidden units (EVA02)
     ``ln_final.hook_scale/hook_normalized``   per token, or on the pooled vector (post-pool)
+    ``attn_pool.hook_pattern`` and friends      SigLIP-style attention pooling (see AttentionPool)
     ``hook_pooled``                           [batch, d_model] ([batch, 2, d_model] for DeiT)
     ``hook_image_embed``                      [batch, d_proj] after a CLIP projection
     ``hook_logits``                           [batch, n_classes] after a classifier head
@@ -70,12 +75,19 @@ class HookedViT(HookedRootModule):
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
         self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.ln_pre else None
+        if cfg.rotary != "none":
+            # [sin | cos] per patch, [n_patches, 2 * d_head], taken from the source model
+            self.register_buffer("rotary_sin_cos", torch.zeros(cfg.n_patches, 2 * cfg.d_head))
         self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.ln_final = LayerNorm(cfg.d_model, cfg.eps) if cfg.final_norm != "none" else None
         self.pool = Pool(cfg)
+        if cfg.pool_type == "map":
+            self.attn_pool = AttentionPool(cfg)
         self.hook_pooled = HookPoint()  # [batch, d_model], or [batch, 2, d_model] for token_dist
         if cfg.d_proj is not None:
             self.W_proj = nn.Parameter(torch.empty(cfg.d_model, cfg.d_proj))
+            if cfg.proj_bias:
+                self.b_proj = nn.Parameter(torch.zeros(cfg.d_proj))
             self.hook_image_embed = HookPoint()  # [batch, d_proj]
         elif cfg.n_classes:
             self.head = Head(cfg)
@@ -89,7 +101,9 @@ class HookedViT(HookedRootModule):
         """Convert an open_clip CLIP model (or its ``.visual``) with the same weights.
 
         Args:
-            model: An ``open_clip`` ``CLIP``/``CustomTextCLIP`` or its ``VisionTransformer``.
+            model: An ``open_clip`` ``CLIP``/``CustomTextCLIP`` or its ``.visual``: a
+                ``VisionTransformer``, or a ``TimmModel`` with a timm ViT / EVA trunk (EVA-CLIP,
+                SigLIP, SigLIP2).
             dynamic_img_size: Accept other image sizes by resampling the position embeddings.
                 Default: as the source (open_clip takes only its own size).
         """
@@ -100,15 +114,40 @@ class HookedViT(HookedRootModule):
 
     @classmethod
     def from_timm(cls, model: nn.Module, *, dynamic_img_size: bool | None = None) -> "HookedViT":
-        """Convert a timm ``VisionTransformer`` (ViT, DeiT, DeiT distilled, DINOv2) with the same weights.
+        """Convert a timm ViT (ViT, DeiT, DeiT distilled, DINOv2, SigLIP, EVA / EVA02) with the same weights.
 
         Args:
-            model: A timm ``VisionTransformer`` or ``VisionTransformerDistilled``.
+            model: A timm ``VisionTransformer``, ``VisionTransformerDistilled`` or ``Eva``.
             dynamic_img_size: Accept other image sizes. Default: the model's own setting.
         """
-        from vit_lens.loading.timm import convert_timm_vit
+        from vit_lens.loading.timm import convert_timm
 
-        cfg, state_dict = convert_timm_vit(model, dynamic_img_size=dynamic_img_size)
+        cfg, state_dict = convert_timm(model, dynamic_img_size=dynamic_img_size)
+        return cls._from_converted(cfg, state_dict)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> "HookedViT":
+        """Convert a Hugging Face transformers vision model with the same weights.
+
+        Supported: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` and ``CLIPModel`` (image
+        tower and projection), ``ViTModel`` (built with ``add_pooling_layer=False``),
+        ``ViTForImageClassification`` (your fine-tunes), ``Dinov2Model``,
+        ``Dinov2WithRegistersModel``, ``SiglipVisionModel`` and ``SiglipModel`` (image tower).
+        The output is the source's: ``image_embeds`` with a projection, ``logits`` with a
+        classifier, otherwise ``pooler_output``.
+
+        Example:
+            >>> import transformers, vit_lens
+            >>> config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            ...                                 intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+            >>> source = transformers.ViTForImageClassification(config).eval()
+            >>> model = vit_lens.HookedViT.from_hf(source)
+            >>> model.cfg.n_classes, model.cfg.n_ctx
+            (3, 17)
+        """
+        from vit_lens.loading.hf import convert_hf_vision
+
+        cfg, state_dict = convert_hf_vision(model)
         return cls._from_converted(cfg, state_dict)
 
     @classmethod
@@ -142,6 +181,10 @@ class HookedViT(HookedRootModule):
         ``1 + N(0, 0.1)``, other vectors ``N(0, 0.1)``.
         """
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if self.cfg.rotary != "none":
+            angles = 6.283185307179586 * torch.rand(self.cfg.n_patches, self.cfg.d_head // 2, generator=generator)
+            pairs = angles.repeat_interleave(2, dim=-1) if self.cfg.rotary == "interleaved" else angles.repeat(1, 2)
+            self.rotary_sin_cos.copy_(torch.cat([pairs.sin(), pairs.cos()], dim=-1))
         for name, param in self.named_parameters():
             noise = torch.randn(param.shape, generator=generator).to(param)
             if name.endswith(".w"):
@@ -184,22 +227,29 @@ class HookedViT(HookedRootModule):
         resid = tokens + self.hook_pos_embed(pos)
         if self.ln_pre is not None:
             resid = self.ln_pre(resid)
+        rotary = self.rotary_sin_cos if self.cfg.rotary != "none" else None
         for block in self.blocks[:stop]:
-            resid = block(resid)
+            resid = block(resid, rotary)
         if stop is not None:
             return resid
         return self._readout(resid)
 
+    def _pool(self, tokens: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch *pooled d_model"]:
+        if self.cfg.pool_type == "map":
+            return self.attn_pool(tokens[:, 0 if self.cfg.pool_include_prefix else self.cfg.n_prefix_tokens :])
+        return self.pool(tokens)
+
     def _readout(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch *out"]:
         if self.cfg.final_norm == "pre_pool":
-            pooled = self.pool(self.ln_final(resid))
+            pooled = self._pool(self.ln_final(resid))
         elif self.cfg.final_norm == "post_pool":
-            pooled = self.ln_final(self.pool(resid))
+            pooled = self.ln_final(self._pool(resid))
         else:
-            pooled = self.pool(resid)
+            pooled = self._pool(resid)
         pooled = self.hook_pooled(pooled)
         if self.cfg.d_proj is not None:
-            return self.hook_image_embed(torch.matmul(pooled, self.W_proj))
+            embed = torch.matmul(pooled, self.W_proj)
+            return self.hook_image_embed(embed + self.b_proj if self.cfg.proj_bias else embed)
         if self.cfg.n_classes:
             return self.hook_logits(self.head(pooled))
         if self.cfg.pool_type == "token_dist":
@@ -372,7 +422,9 @@ class HookedViT(HookedRootModule):
         Args:
             names_filter: Hook names (a string or a list) or a filter function. None caches every
                 hook point except ``attn.hook_result`` (unless ``cfg.use_attn_result``): per-head
-                results are derived from ``hook_z`` on demand by the cache.
+                results are derived from ``hook_z`` on demand by the cache. Models with a
+                LayerNorm on z (``cfg.attn_norm``, EVA-CLIP) cache ``hook_result`` too, since
+                it cannot be derived from ``hook_z`` alone.
             fwd_hooks, bwd_hooks: Interventions active during the run; the cache records the
                 activations as edited.
             incl_bwd: Also cache gradients (``<name>_grad``) of ``metric(output)`` (or of the
@@ -412,7 +464,8 @@ class HookedViT(HookedRootModule):
 
     def _normalise_names_filter(self, names_filter: Any) -> Callable[[str], bool]:
         if names_filter is None:
-            if self.cfg.use_attn_result:
+            # With a LayerNorm on z, per-head results cannot be derived from hook_z alone: cache them.
+            if self.cfg.use_attn_result or self.cfg.attn_norm:
                 return lambda name: True
             return lambda name: not name.endswith("attn.hook_result")
         if isinstance(names_filter, str):

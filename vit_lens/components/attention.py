@@ -8,6 +8,25 @@ from transformer_lens import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from vit_lens.components._hooks import is_hooked
+from vit_lens.components.norm import LayerNorm
+
+
+def rotate_pairs(x: Tensor, mode: str) -> Tensor:
+    """The 90-degree rotation of each rotary pair: interleaved ``(x0, x1)`` or halves ``(x_i, x_{i+d/2})``."""
+    if mode == "interleaved":
+        return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(
+    x: Float[Tensor, "batch pos head d_head"], sin_cos: Float[Tensor, "n_patches two_d_head"], n_prefix: int, mode: str
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Rotate the patch rows of ``x`` (prefix tokens stay as they are) with a ``[sin | cos]`` table."""
+    sin, cos = sin_cos[:, None].chunk(2, dim=-1)  # [n_patches, 1, d_head] each
+    patches = x[:, n_prefix:]
+    rotated = (patches * cos + rotate_pairs(patches, mode) * sin).to(x.dtype)
+    return torch.cat([x[:, :n_prefix], rotated], dim=1) if n_prefix else rotated
 
 
 class Attention(nn.Module):
@@ -20,13 +39,29 @@ class Attention(nn.Module):
     ``hook_attn_scores`` or ``hook_pattern``; then the pattern is computed explicitly so that
     it can be read and replaced. Per-head outputs (``hook_result``) are computed only when
     something is attached to that hook.
+
+    Options of EVA-style models: ``rotary`` rotates q and k of the patch tokens after
+    ``hook_q``/``hook_k`` (``hook_rot_q``/``hook_rot_k`` hold the rotated ones, as in
+    TransformerLens); ``norm_eps`` adds a LayerNorm ``ln_z`` over the concatenated heads
+    before ``W_O`` (EVA-CLIP's ``scale_attn_inner``). ``W_O`` then reads the normalised heads,
+    and head ``h``'s ``hook_result`` is ``ln_z(z)[..., h, :] @ W_O[h]``.
     """
 
-    def __init__(self, d_model: int, n_heads: int, d_head: int):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_head: int,
+        rotary: str = "none",
+        n_prefix_tokens: int = 0,
+        norm_eps: float | None = None,
+    ):
         super().__init__()
         self.n_heads = n_heads
         self.d_head = d_head
         self.scale = d_head**-0.5
+        self.rotary = rotary
+        self.n_prefix_tokens = n_prefix_tokens
         self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.W_K = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.W_V = nn.Parameter(torch.empty(n_heads, d_model, d_head))
@@ -35,9 +70,13 @@ class Attention(nn.Module):
         self.b_K = nn.Parameter(torch.zeros(n_heads, d_head))
         self.b_V = nn.Parameter(torch.zeros(n_heads, d_head))
         self.b_O = nn.Parameter(torch.zeros(d_model))
+        self.ln_z = LayerNorm(n_heads * d_head, norm_eps) if norm_eps is not None else None
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, head, d_head]
+        if rotary != "none":
+            self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head], after the rotary embedding
+            self.hook_rot_k = HookPoint()  # [batch, pos, head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, head, d_head]
         self.hook_attn_scores = HookPoint()  # [batch, head, query, key], scaled, before softmax
         self.hook_pattern = HookPoint()  # [batch, head, query, key]
@@ -58,7 +97,9 @@ class Attention(nn.Module):
         """Whether the explicit (non-fused) path must run, because the pattern is observed."""
         return is_hooked(self.hook_attn_scores, self.hook_pattern)
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], rotary: Tensor | None = None
+    ) -> Float[Tensor, "batch pos d_model"]:
         batch, pos, d_model = x.shape
         h, dh = self.n_heads, self.d_head
         # One matmul for q, k and v, as the source models do.
@@ -68,6 +109,9 @@ class Attention(nn.Module):
         q = self.hook_q(qkv[:, :, 0])
         k = self.hook_k(qkv[:, :, 1])
         v = self.hook_v(qkv[:, :, 2])
+        if self.rotary != "none":
+            q = self.hook_rot_q(apply_rotary(q, rotary, self.n_prefix_tokens, self.rotary))
+            k = self.hook_rot_k(apply_rotary(k, rotary, self.n_prefix_tokens, self.rotary))
         q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.needs_pattern():
             scores = self.hook_attn_scores(torch.matmul(q_t, k_t.transpose(-1, -2)) * self.scale)
@@ -76,6 +120,8 @@ class Attention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(q_t, k_t, v_t)
         z = self.hook_z(z.transpose(1, 2))
+        if self.ln_z is not None:
+            z = self.ln_z(z.reshape(batch, pos, h * dh)).view(batch, pos, h, dh)
         if is_hooked(self.hook_result):
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
             return result.sum(dim=2) + self.b_O

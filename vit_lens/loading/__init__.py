@@ -1,4 +1,8 @@
-"""Converters from source libraries to HookedViT; the only place vit_lens imports open_clip or timm."""
+"""Converters from source libraries to HookedViT; the only place vit_lens imports open_clip, timm or transformers.
+
+One module per source: ``open_clip``, ``timm`` (ViT, DeiT, DINOv2, SigLIP, EVA / EVA02) and ``hf``
+(transformers CLIP, ViT, DINOv2, SigLIP). Each returns ``(ViTConfig, state_dict)``.
+"""
 
 import difflib
 import os
@@ -78,12 +82,13 @@ def source_residual_stream(source: nn.Module, images) -> list:
     import torch
 
     visual = getattr(source, "visual", source)
+    visual = getattr(visual, "trunk", visual)  # open_clip's timm towers (EVA-CLIP, SigLIP)
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks"):
         blocks, first = list(visual.transformer.resblocks), visual.ln_pre
         run = visual
     elif hasattr(visual, "blocks"):
         blocks, first = list(visual.blocks), visual.norm_pre
-        run = visual
+        run = getattr(source, "encode_image", visual)
     else:
         raise TypeError(f"source_residual_stream reads open_clip or timm ViTs, got {type(source).__name__}")
     stream: list = []

@@ -1,5 +1,6 @@
 """What every converter needs: parameters handed out once each, activations and norms identified."""
 
+import torch
 from torch import Tensor, nn
 
 
@@ -52,6 +53,8 @@ def activation_name(module: nn.Module, model_name: str) -> str:
 
     if isinstance(module, nn.GELU):
         return {"none": "gelu", "tanh": "gelu_tanh"}[module.approximate]
+    if isinstance(module, nn.SiLU):
+        return "silu"
     if isinstance(module, TimmGELU):
         return "gelu"
     if isinstance(module, TimmGELUTanh):
@@ -96,8 +99,17 @@ def attention_and_mlp(
     d_head: int,
     ls_attn: Tensor | None,
     ls_mlp: Tensor | None,
+    gate_weight: Tensor | None = None,
+    gate_bias: Tensor | None = None,
+    attn_norm: tuple[Tensor, Tensor] | None = None,
+    mlp_norm: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """One block's attention and MLP weights in HookedViT names, LayerScale folded into the writers."""
+    """One block's attention and MLP weights in HookedViT names, LayerScale folded into the writers.
+
+    ``fc1`` is the MLP's input layer (the linear branch of a gated MLP, whose gate is
+    ``gate_weight``/``gate_bias``); ``attn_norm`` / ``mlp_norm`` are the (weight, bias) of a
+    LayerNorm on the concatenated heads / on the hidden units.
+    """
     d_model = out_weight.shape[0]
     W_O = out_weight.T.reshape(n_heads, d_head, d_model)
     b_O = out_bias if out_bias is not None else out_weight.new_zeros(d_model)
@@ -114,4 +126,53 @@ def attention_and_mlp(
     sd[f"{prefix}.mlp.b_in"] = fc1_bias if fc1_bias is not None else fc1_weight.new_zeros(fc1_weight.shape[0])
     sd[f"{prefix}.mlp.W_out"] = W_out
     sd[f"{prefix}.mlp.b_out"] = b_out
+    if gate_weight is not None:
+        sd[f"{prefix}.mlp.W_gate"] = gate_weight.T
+        sd[f"{prefix}.mlp.b_gate"] = gate_bias if gate_bias is not None else gate_weight.new_zeros(gate_weight.shape[0])
+    if attn_norm is not None:
+        sd[f"{prefix}.attn.ln_z.w"], sd[f"{prefix}.attn.ln_z.b"] = attn_norm
+    if mlp_norm is not None:
+        sd[f"{prefix}.mlp.ln_hidden.w"], sd[f"{prefix}.mlp.ln_hidden.b"] = mlp_norm
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def map_head(
+    *,
+    latent: Tensor,
+    q_weight: Tensor,
+    q_bias: Tensor | None,
+    k_weight: Tensor,
+    k_bias: Tensor | None,
+    v_weight: Tensor,
+    v_bias: Tensor | None,
+    out_weight: Tensor,
+    out_bias: Tensor | None,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    n_heads: int,
+) -> dict[str, Tensor]:
+    """An attention-pooling (MAP) head's weights (nn.Linear layout) in HookedViT's ``attn_pool.*`` names."""
+    d_model = out_weight.shape[0]
+    d_head = q_weight.shape[0] // n_heads
+    qkv = split_qkv(
+        torch.cat([q_weight, k_weight, v_weight]),
+        None if q_bias is None and k_bias is None and v_bias is None else torch.cat(
+            [b if b is not None else q_weight.new_zeros(q_weight.shape[0]) for b in (q_bias, k_bias, v_bias)]
+        ),
+        n_heads,
+        d_head,
+    )
+    sd = {f"attn_pool.{k}": v for k, v in qkv.items()}
+    sd["attn_pool.latent"] = latent
+    sd["attn_pool.W_O"] = out_weight.T.reshape(n_heads, d_head, d_model)
+    sd["attn_pool.b_O"] = out_bias if out_bias is not None else out_weight.new_zeros(d_model)
+    sd["attn_pool.ln.w"], sd["attn_pool.ln.b"] = ln_weight, ln_bias
+    sd["attn_pool.mlp.W_in"] = fc1_weight.T
+    sd["attn_pool.mlp.b_in"] = fc1_bias if fc1_bias is not None else fc1_weight.new_zeros(fc1_weight.shape[0])
+    sd["attn_pool.mlp.W_out"] = fc2_weight.T
+    sd["attn_pool.mlp.b_out"] = fc2_bias if fc2_bias is not None else fc2_weight.new_zeros(d_model)
     return {k: v.contiguous() for k, v in sd.items()}

@@ -32,13 +32,16 @@ def convert_open_clip_visual(
         dynamic_img_size: Accept other image sizes (position embeddings resampled); default False,
             as open_clip itself only takes its configured size.
     """
+    from open_clip.timm_model import TimmModel
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
     visual = getattr(model, "visual", model)
+    if isinstance(visual, TimmModel):
+        return convert_open_clip_timm_visual(visual, dynamic_img_size=dynamic_img_size)
     if not isinstance(visual, VisionTransformer):
         raise NotImplementedError(
-            f"HookedViT.from_open_clip converts open_clip VisionTransformer towers; this model's vision tower is a "
-            f"{type(visual).__name__} (ResNet and timm-trunk towers are not supported)."
+            f"HookedViT.from_open_clip converts open_clip VisionTransformer towers and timm ViT / EVA towers; this "
+            f"model's vision tower is a {type(visual).__name__} (ResNet towers are not supported)."
         )
     name = describe_open_clip_visual(visual)
     if visual.attn_pool is not None:
@@ -118,6 +121,37 @@ def convert_open_clip_visual(
         sd["W_proj"] = src.take("proj")
     src.check_all_taken()
     return cfg, sd
+
+
+def convert_open_clip_timm_visual(
+    visual: nn.Module, *, dynamic_img_size: bool | None = None
+) -> tuple[ViTConfig, dict[str, Tensor]]:
+    """An open_clip ``TimmModel`` tower (EVA-CLIP, SigLIP, SigLIP2): its timm trunk, then its projection.
+
+    The trunk's own linear head (EVA-CLIP: ``timm_proj=None``) or the adapter's ``proj``
+    (``timm_proj='linear'``) becomes the projection ``W_proj`` (+ ``b_proj``); SigLIP's
+    ``timm_proj='none'`` has none, and the output is the attention-pooled vector.
+    """
+    from vit_lens.loading.timm import convert_timm
+
+    trunk = visual.trunk
+    cfg, sd = convert_timm(trunk, dynamic_img_size=dynamic_img_size, head_as_projection=True)
+    layers = dict(visual.head.named_children())
+    if set(layers) - {"drop", "proj"} or not isinstance(layers.get("proj", nn.Linear(1, 1)), nn.Linear):
+        raise unsupported(cfg.model_name, f"an open_clip timm head {sorted(layers)} (attention pool / MLP projection)")
+    if "proj" in layers:
+        if cfg.d_proj is not None:
+            raise unsupported(cfg.model_name, "both a trunk head and an open_clip projection")
+        proj = layers["proj"]
+        fields = cfg.to_dict()
+        fields.update(d_proj=proj.out_features, proj_bias=proj.bias is not None)
+        cfg = ViTConfig(**fields)
+        sd["W_proj"] = proj.weight.detach().clone().T.contiguous()
+        if proj.bias is not None:
+            sd["b_proj"] = proj.bias.detach().clone()
+    fields = cfg.to_dict()
+    fields["model_name"] = f"open_clip {cfg.model_name} tower"
+    return ViTConfig(**fields), sd
 
 
 def open_clip_text_parts(model: nn.Module) -> dict:
