@@ -36,3 +36,39 @@ def test_toy_and_textspan_blocks_run():
     assert namespace["heads"].values.shape[:2] == (500, 22)
     assert len(namespace["one"].indices) == 5 and namespace["pixels"].shape == (8, 64, 64)
     assert namespace["similar"].indices.shape == (5,) and namespace["rollout"].shape == (8, 8, 8)
+
+
+def test_layer_by_layer_and_decoding_blocks_run():
+    namespace: dict = {}
+    exec(compile(first_python_block("## Layer by layer"), "README.md layers", "exec"), namespace)
+    assert namespace["maps"].maps.shape == (64, 4, 8, 8)
+    assert namespace["contribution_map"].shape == (64, 1, 8, 8)
+    curves = namespace["curves"]
+    assert curves.values.shape == (3, 5)  # variants x (layers 0-3, the range 1-2)
+    assert all(name in curves.table() for name in ("output", "attention_input", "residual", "1-2"))
+    exec(compile(first_python_block("### Decoding layers into language"), "README.md decoding", "exec"), namespace)
+    assert namespace["delta"].shape == (3, 32)
+    assert "convergence" in namespace["result"].report()
+
+
+def test_feature_visualisation_block_runs():
+    namespace: dict = {}
+    exec(compile(first_python_block("## Feature visualisation"), "README.md featureviz", "exec"), namespace)
+    result = namespace["result"]
+    assert result.image.shape == (3, 64, 64) and 0 <= result.image.min() and result.image.max() <= 1
+    assert result.activation > namespace["top"].scores.mean()
+    assert namespace["patches"].grid.shape == (8, 8)
+
+
+def test_beyond_clip_block_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(first_python_block("## Beyond CLIP"), "README.md align", "exec"), namespace)
+    assert namespace["scores"].scores.shape[0] == 2 and namespace["without_texture"].shape == (400, 192)
+    assert (tmp_path / "vit_tiny_to_toy_clip.safetensors").exists()
+
+
+def test_supported_models_block_runs():
+    namespace: dict = {}
+    exec(compile(first_python_block("## Supported models"), "README.md supported models", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 3)

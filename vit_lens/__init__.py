@@ -20,6 +20,7 @@ _EXPORTS = {
 _SUBMODULES = (
     "decompose", "interventions", "patching", "pruning", "statistics", "store", "loading", "toy", "plot",
     "textspan", "pools", "segmentation", "retrieval", "spurious", "datasets", "report",
+    "layers", "experiments", "decoding", "text_metrics", "featureviz", "token_mixing", "robustness", "align",
 )
 __all__ = list(_EXPORTS) + list(_SUBMODULES)
 
