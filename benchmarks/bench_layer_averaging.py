@@ -35,7 +35,7 @@ import torch
 from bench_waterbirds import exit_needs, load_clip, pick_device, weights_need
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-TOY_FACTOR = "colour"  # the factor the toy CLIP reads best (its model card)
+TOY_FACTOR = "colour"  # the toy CLIP reads every factor (its model card); colour is the easiest to picture
 
 
 def images_need(flag: str) -> str:

@@ -34,7 +34,7 @@ def _demo_toy(args: argparse.Namespace):
     clip = load_toy_clip()
     world = ToyWorld(seed=args.seed)
     batch = world.sample(args.n_images)
-    colours = factor_prompts("colour")  # the factor the toy model reads best (see its model card)
+    colours = factor_prompts("colour")  # the toy model reads every factor; colour is the easiest to see on a map
     pool = description_pool()[0]
     with torch.no_grad():
         directions = clip.encode_text(colours, normalize=True)
