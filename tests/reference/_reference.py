@@ -1,5 +1,6 @@
 """Shared pieces of the reference tests: seeded inputs, weight perturbation, source-side residual capture."""
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -7,6 +8,7 @@ from torch import Tensor, nn
 
 from tests.conftest import assert_rel_close
 from vit_lens.cache import VisionActivationCache
+from vit_lens.hooked_vit import HookedViT
 
 
 def seeded_images(batch: int, height: int, width: int, seed: int = 0) -> Tensor:
@@ -59,3 +61,26 @@ def assert_residuals_match(cache: VisionActivationCache, resid_pre_0: Tensor, re
     for layer, expected in enumerate(resid_posts):
         name = f"blocks.{layer}.hook_resid_post"
         assert_rel_close(cache[name], expected, what=name)
+
+
+@dataclass
+class Case:
+    """One source model and its conversion, run on the same images, for the equivalence tests."""
+
+    source: nn.Module
+    images: Tensor
+    source_output: Tensor
+    resid_pre_0: Tensor
+    resid_posts: list[Tensor]
+    hooked: HookedViT
+    hooked_output: Tensor
+    cache: VisionActivationCache
+
+
+def equivalence_case(source: nn.Module, hooked: HookedViT, images: Tensor, forward: Callable[[Tensor], Tensor],
+                     pre_blocks: nn.Module, blocks: Sequence[nn.Module]) -> Case:
+    """Run the source (recording block 0's input and every block's output) and the converted model."""
+    output, pre, posts = run_source(forward, pre_blocks, blocks, images)
+    with torch.no_grad():
+        hooked_output, cache = hooked.run_with_cache(images)
+    return Case(source, images, output, pre, posts, hooked, hooked_output, cache)

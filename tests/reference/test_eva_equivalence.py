@@ -8,7 +8,6 @@ layer's residual stream and the output must agree to 1e-5 (relative, float32); v
 and the head are perturbed so that a misplaced weight cannot hide.
 """
 
-from dataclasses import dataclass
 from functools import partial
 from unittest import mock
 
@@ -16,10 +15,12 @@ import open_clip
 import pytest
 import timm
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from tests.conftest import assert_rel_close
-from tests.reference._reference import assert_residuals_match, perturb_vector_params_, run_source, seeded_images
+from tests.reference._reference import (
+    Case, assert_residuals_match, equivalence_case, perturb_vector_params_, seeded_images,
+)
 from vit_lens import HookedCLIP, HookedViT
 from vit_lens.decompose import direct_contributions
 
@@ -80,18 +81,6 @@ REFUSED_MODELS = {
 REFUSED = [(key, label, source, words) for key, (label, source, _, words) in REFUSED_MODELS.items()]
 
 
-@dataclass
-class Case:
-    source: nn.Module
-    images: Tensor
-    source_output: Tensor
-    resid_pre_0: Tensor
-    resid_posts: list[Tensor]
-    hooked: HookedViT
-    hooked_output: Tensor
-    cache: object
-
-
 @pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
 def case(request, one_thread) -> Case:
     _, _, build, size = MODELS[request.param]
@@ -104,11 +93,8 @@ def case(request, one_thread) -> Case:
     perturb_vector_params_(source, seed=1)
     images = seeded_images(2, size, size, seed=2)
     forward = source.encode_image if hasattr(source, "encode_image") else source
-    output, pre, posts = run_source(forward, trunk.norm_pre, trunk.blocks, images)
     hooked = HookedViT.from_open_clip(source) if hasattr(source, "visual") else HookedViT.from_timm(source)
-    with torch.no_grad():
-        hooked_output, cache = hooked.run_with_cache(images)
-    return Case(source, images, output, pre, posts, hooked, hooked_output, cache)
+    return equivalence_case(source, hooked, images, forward, trunk.norm_pre, trunk.blocks)
 
 
 def test_residual_stream_matches_at_every_layer(case):

@@ -6,7 +6,6 @@ every block (read with forward hooks on the source's layers), and the output the
 (``image_embeds``, ``logits`` or ``pooler_output``), to 1e-5 relative in float32.
 """
 
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,7 +13,9 @@ import transformers as hf
 from torch import Tensor, nn
 
 from tests.conftest import assert_rel_close
-from tests.reference._reference import assert_residuals_match, perturb_vector_params_, run_source, seeded_images
+from tests.reference._reference import (
+    Case, assert_residuals_match, equivalence_case, perturb_vector_params_, seeded_images,
+)
 from vit_lens import HookedCLIP, HookedViT
 from vit_lens.decompose import direct_contributions
 from vit_lens.loading.hf import _layers
@@ -87,29 +88,14 @@ def _pre_blocks(tower: nn.Module) -> nn.Module:
     return getattr(tower, "pre_layrnorm", None) or tower.embeddings
 
 
-@dataclass
-class Case:
-    source: nn.Module
-    images: Tensor
-    source_output: Tensor
-    resid_pre_0: Tensor
-    resid_posts: list[Tensor]
-    hooked: HookedViT
-    hooked_output: Tensor
-    cache: object
-
-
 @pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
 def case(request, one_thread) -> Case:
     torch.manual_seed(0)
     source = perturb_vector_params_(MODELS[request.param][2]().eval(), seed=1)
     tower = _tower(source)
     images = seeded_images(2, 32, 32, seed=2)
-    output, pre, posts = run_source(lambda x: source_output(source, x), _pre_blocks(tower), _layers(tower), images)
     hooked = HookedViT.from_hf(source)
-    with torch.no_grad():
-        hooked_output, cache = hooked.run_with_cache(images)
-    return Case(source, images, output, pre, posts, hooked, hooked_output, cache)
+    return equivalence_case(source, hooked, images, lambda x: source_output(source, x), _pre_blocks(tower), _layers(tower))
 
 
 def test_residual_stream_matches_at_every_layer(case):

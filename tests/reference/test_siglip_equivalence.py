@@ -7,7 +7,6 @@ HookedCLIP's logits with SigLIP's ``logit_bias``, the MAP head's own hook points
 decomposition of the embedding through the MAP head.
 """
 
-from dataclasses import dataclass
 from functools import partial
 from unittest import mock
 
@@ -15,10 +14,12 @@ import open_clip
 import pytest
 import timm
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from tests.conftest import assert_rel_close
-from tests.reference._reference import assert_residuals_match, perturb_vector_params_, run_source, seeded_images
+from tests.reference._reference import (
+    Case, assert_residuals_match, equivalence_case, perturb_vector_params_, seeded_images,
+)
 from vit_lens import HookedCLIP, HookedViT
 from vit_lens.decompose import direct_contributions, required_hooks
 
@@ -65,18 +66,6 @@ REFUSED_MODELS = {
 REFUSED = [(key, label, source, words) for key, (label, source, _, words) in REFUSED_MODELS.items()]
 
 
-@dataclass
-class Case:
-    source: nn.Module
-    images: Tensor
-    source_output: Tensor
-    resid_pre_0: Tensor
-    resid_posts: list[Tensor]
-    hooked: HookedViT
-    hooked_output: Tensor
-    cache: object
-
-
 @pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
 def case(request, one_thread) -> Case:
     _, _, build, size = MODELS[request.param]
@@ -87,11 +76,8 @@ def case(request, one_thread) -> Case:
         nn.init.normal_(trunk.attn_pool.latent, std=1.0)  # a latent query far from zero: a peaked pattern
     images = seeded_images(2, size, size, seed=2)
     forward = source.encode_image if hasattr(source, "encode_image") else source
-    output, pre, posts = run_source(forward, trunk.norm_pre, trunk.blocks, images)
     hooked = HookedViT.from_open_clip(source) if hasattr(source, "visual") else HookedViT.from_timm(source)
-    with torch.no_grad():
-        hooked_output, cache = hooked.run_with_cache(images)
-    return Case(source, images, output, pre, posts, hooked, hooked_output, cache)
+    return equivalence_case(source, hooked, images, forward, trunk.norm_pre, trunk.blocks)
 
 
 def test_residual_stream_matches_at_every_layer(case):
