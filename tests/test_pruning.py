@@ -6,7 +6,6 @@ import torch
 from tests.conftest import tiny_config
 from vit_lens import HookedViT
 from vit_lens.decompose import direct_contributions
-from vit_lens.interventions import zero_ablate
 from vit_lens.pruning import cosine_scorer, head_scores, prune_heads
 
 
