@@ -2,7 +2,7 @@
 """Set up and run vit_lens from a fresh clone, with nothing but Python 3 and a package registry.
 
     python3 dev.py demo [args]   the main job: `vit-lens demo` (the built-in toy CLIP; writes an HTML report)
-    python3 dev.py test [args]   the whole test suite (pytest; extra args are passed on)
+    python3 dev.py test [args]   the whole test suite (pytest on every core; extra args are passed on)
 
 The first run creates ./.venv and installs the package with its test extras; later runs reuse
 it, and reinstall only when pyproject.toml changes.
@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     if command == "demo":
         return subprocess.call([str(BIN / "vit-lens"), "demo", *rest], cwd=ROOT, env=env)
+    if not any(arg.startswith(("-n", "--numprocesses")) for arg in rest):
+        rest = ["-n", "auto", *rest]  # one pytest-xdist worker per CPU core (each test pins its own threads)
     return subprocess.call([str(python), "-m", "pytest", *rest], cwd=ROOT, env=env)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import vit_lens
+from tests.conftest import assert_rel_close
 from vit_lens.toy import FACTORS, ToyWorld, build_toy_clip, factor_prompts, save_toy_clip
 
 
@@ -43,3 +44,30 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.card == {"note": "test"}
     with pytest.raises(FileNotFoundError, match="no toy CLIP checkpoint at"):
         vit_lens.load_toy_clip(tmp_path / "missing.safetensors")
+
+
+def test_folding_the_input_standardisation_is_exact_and_invertible():
+    from vit_lens.toy.train import PIXEL_MEAN, PIXEL_STD, fold_input_standardisation
+
+    vision = build_toy_clip(seed=5).vision.eval()
+    images = ToyWorld(seed=3).sample(4).images
+    on_standardised = vision((images - PIXEL_MEAN) / PIXEL_STD)
+    fold_input_standardisation(vision)
+    assert_rel_close(vision(images), on_standardised, 1e-5)
+    fold_input_standardisation(vision, unfold=True)
+    assert_rel_close(vision((images - PIXEL_MEAN) / PIXEL_STD), on_standardised, 1e-5)
+
+
+def test_the_training_recipe_runs_end_to_end_and_locks_the_image_tower(tmp_path, capsys):
+    """Two supervised steps, then two contrastive ones with the image tower locked (the shipped recipe, tiny)."""
+    from vit_lens.toy.train import main
+
+    out = tmp_path / "toy.safetensors"
+    assert main(["--out", str(out), "--supervised-steps", "2", "--steps", "2", "--batch-size", "8", "--warmup", "1",
+                 "--focus-probability", "0.5", "--image-lr-scale", "0"]) == 0
+    warm, final = vit_lens.load_toy_clip(f"{out}.supervised"), vit_lens.load_toy_clip(out)
+    for name, param in warm.vision.state_dict().items():
+        assert torch.equal(param, final.vision.state_dict()[name]), name  # locked: not one weight moved
+    text_moved = [not torch.equal(p, final.text_model.state_dict()[n]) for n, p in warm.text_model.state_dict().items()]
+    assert any(text_moved)
+    assert "image tower      2/2" in capsys.readouterr().out
