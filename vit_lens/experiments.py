@@ -524,17 +524,10 @@ def _run(tower: Any, images: Tensor, fwd_hooks: list, readout: str) -> Tensor:
 
 def _readouts(tower: Any, images: Tensor, layers: list[int]) -> tuple[Tensor, Tensor]:
     """``([batch, layer, *out], [batch, *out])``: the readout of each layer's output and the final output."""
-    resid: dict[int, Tensor] = {}
-
-    def keeper(layer: int):
-        def keep(activation: Tensor, hook: Any) -> None:
-            resid[layer] = activation
-
-        return keep
-
+    names = [f"blocks.{l}.hook_resid_post" for l in layers]
     with torch.no_grad():
-        final = tower.run_with_hooks(images, fwd_hooks=[(f"blocks.{l}.hook_resid_post", keeper(l)) for l in layers])
-        early = torch.stack([tower._readout(resid[l]) for l in layers], dim=1)
+        final, cache = tower.run_with_cache(images, names_filter=names)
+        early = torch.stack([tower._readout(cache[name]) for name in names], dim=1)
     return early, final
 
 
