@@ -30,7 +30,7 @@ import time
 import torch
 
 from vit_lens import HookedViT, load_toy_clip
-from vit_lens.align import (
+from vit_lens.methods.alignment.compalign import (
     ComponentAligner,
     alignment_data,
     component_scores,
@@ -38,7 +38,7 @@ from vit_lens.align import (
     property_embeddings,
     train_aligner,
 )
-from vit_lens.spurious import mean_ablate_components
+from vit_lens.methods.textspan.spurious import mean_ablate_components
 from vit_lens.toy import FACTORS, ToyWorld, description_pool, factor_prompts
 
 

@@ -2,7 +2,7 @@
 
 The paper's public code (clip_text_span, ``attn_method="head"``) forms, in every layer, the
 ``[batch, query, key, head, d_model]`` tensor of every (query, key, head) contribution and then keeps
-the CLS query row. ``vit_lens.decompose.direct_contributions(level="head_token")`` forms only the
+the CLS query row. ``vit_lens.intervene.decompose.direct_contributions(level="head_token")`` forms only the
 pooled query row of each pattern, and with ``directions`` projects the value vectors before
 expanding over tokens. Each measurement runs in a fresh subprocess and reports the peak RSS of the
 decomposition step above the RSS after the forward pass (the cache is held in both cases; the
@@ -49,7 +49,7 @@ def probe(model_name: str, mode: str, batch: int, threads: int) -> dict:
     import open_clip
 
     from vit_lens import HookedViT
-    from vit_lens.decompose import direct_contributions, required_hooks
+    from vit_lens.intervene.decompose import direct_contributions, required_hooks
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Feature visualisation on the toy CLIP: how much more the optimised images activate their features.
 
 For the most variable MLP neurons of each layer (variance over dataset images of the patch-mean activation)
-and for a few text directions, ``vit_lens.featureviz.visualize`` optimises an image with the toy defaults and
+and for a few text directions, ``vit_lens.methods.featureviz.visualisation.visualize`` optimises an image with the toy defaults and
 each parameterisation, then the script prints, per feature: the activation of the optimised image, of the best
 of 64 uniform random images, of the dataset's average image, and the dataset's mean and maximum, with the
 ratio "optimised / dataset max" and the margin over the random and average images in dataset standard

@@ -1,8 +1,8 @@
-"""Paper 002, Sec. 3.2 / Fig. 3 / App. A.2: ImageNet zero-shot accuracy under mean-ablations of direct effects.
+"""Gandelsman et al. (2024), Sec. 3.2 / Fig. 3 / App. A.2: ImageNet zero-shot accuracy under mean-ablations of direct effects.
 
 Each image's CLIP embedding is split into the direct contributions of the embedding (ln_pre
 output), every attention layer and every MLP (``ln_mode="paper", normalize=True``, written to disk
-with ``vit_lens.store``); a mean-ablation replaces terms by their means over the same images (as
+with ``vit_lens.intervene.store``); a mean-ablation replaces terms by their means over the same images (as
 the paper's ``compute_ablations.py`` does) and the zero-shot classifier (1000 ImageNet classes x
 the 80 OpenAI templates) is applied to the re-summed embedding. Printed:
 
@@ -97,7 +97,7 @@ def class_token_terms(clip, batches, device, n_layers: int) -> torch.Tensor:
     """Per image, the sum over layers of the CLS key's term (all heads), paper LN mode, normalised: [N, d]."""
     from tqdm.auto import tqdm
 
-    from vit_lens.decompose import direct_contributions, required_hooks
+    from vit_lens.intervene.decompose import direct_contributions, required_hooks
 
     model = clip.vision
     # each call expands one layer to tokens and keeps the others whole, so it reads both kinds of hooks
@@ -168,10 +168,10 @@ def main(argv=None) -> int:
 
     from torchvision.datasets import ImageFolder
 
-    from vit_lens.datasets import image_batches, subset_tensor
-    from vit_lens.retrieval import select_components
-    from vit_lens.spurious import extra_ablation_mask, mean_ablation_predictions
-    from vit_lens.store import compute_contributions_to_disk
+    from vit_lens.loading.datasets import image_batches, subset_tensor
+    from vit_lens.methods.textspan.retrieval import select_components
+    from vit_lens.methods.textspan.spurious import extra_ablation_mask, mean_ablation_predictions
+    from vit_lens.intervene.store import compute_contributions_to_disk
 
     classnames = read_classnames(args.classnames)
     folder = find_image_folder(args.data)

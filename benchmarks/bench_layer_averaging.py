@@ -1,7 +1,7 @@
-"""Seed 001 ("Peeling Back the Layers"), section 4.2 / figure 2 and section 4.3 / figure 3, end to end.
+""""Peeling Back the Layers", section 4.2 / figure 2 and section 4.3 / figure 3, end to end.
 
 For every layer (and the ranges given), one of three things is replaced by its dataset average
-(``vit_lens.experiments.layer_averaging``):
+(``vit_lens.methods.layers.averaging.layer_averaging``):
 
 * output           the block's output tokens (the output then no longer depends on the image)
 * attention_input  what the block's attention reads (the paper's main curve)
@@ -70,7 +70,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def real_data(args, clip):
     """(batches, means batches or None, classifier or None, description), or an exit status."""
-    from vit_lens.datasets import evenly_spaced
+    from vit_lens.loading.datasets import evenly_spaced
 
     files = find_images(args.images)
     classes = sorted({f.parent.name for f in files}) if args.zero_shot else None
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
             result["readout"]["accuracy"] = dict(zip(readout_accuracy.layers, readout_accuracy.values.tolist()))
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.html:
-        from vit_lens.plot import write_html_report
+        from vit_lens.utils.plotting import write_html_report
 
         sections = [("Figure 2: layer averaging, cosine to the unmodified embedding", E.plot_averaging_curves(cosine)),
                     ("Figure 3: read out at each layer", E.plot_readout_curve(readout))]

@@ -1,8 +1,8 @@
-"""ImageNet-segmentation with paper 002's decomposition heatmaps and attention baselines (Chefer et al. protocol).
+"""ImageNet-segmentation with Gandelsman et al.'s decomposition heatmaps and attention baselines (Chefer et al. protocol).
 
 Runs end to end for one open_clip model: every image of ``gtsegs_ijcv.mat`` (or the first ``--limit``)
 goes through each method, the map of the model's own zero-shot top-1 ImageNet class is upsampled
-(bilinear) to the mask and scored with ``vit_lens.segmentation.SegmentationMetrics``: pixel accuracy
+(bilinear) to the mask and scored with ``vit_lens.methods.segmentation.maps.SegmentationMetrics``: pixel accuracy
 and 2-class mIoU pooled over the dataset, mAP averaged over images.
 
 Usage:
@@ -11,7 +11,7 @@ Usage:
         [--classifier imagenet_classifier_ViT-B-16.pt] [--json results.json]
 
 Methods (``--methods``; default all):
-    decomposition   paper 002: per-patch direct contributions of every head of every layer (ln_mode="paper",
+    decomposition   Gandelsman et al. (2024): per-patch direct contributions of every head of every layer (ln_mode="paper",
                     divided by the embedding norm) along the class vector, minus the mean map over all 1000
                     classes, clipped at 0 before the min-max (as their compute_segmentations.py)
     raw_attention   last layer, CLS row, mean over heads (Chefer et al.'s attn_last_layer)
@@ -22,7 +22,7 @@ Methods (``--methods``; default all):
                     vit_lens does not implement: expect different numbers on that row.
 LRP and partial LRP (two rows of the paper's table) are not implemented.
 
-Data geometry (``--mode``): "paper_crop" (default) reproduces paper 002's code, which centre-crops the image
+Data geometry (``--mode``): "paper_crop" (default) reproduces Gandelsman et al.'s code, which centre-crops the image
 (open_clip preprocessing) but squashes the mask to 224 x 224; "resize" squashes both, as Chefer et al.;
 "crop" crops both.
 
@@ -33,7 +33,7 @@ Exit status: 0 after an evaluation. 2 when something it needs is missing (h5py, 
 weights, or a classifier file it cannot read): it prints exactly what is missing and how to get it, and
 evaluates nothing. (Set HF_HUB_OFFLINE=1 to make a missing weights download fail at once instead of retrying.)
 
-Paper 002 (Gandelsman et al., ICLR 2024), table "ImageNet-segmentation", in percent. The table reports one
+Gandelsman et al. (ICLR 2024), table "ImageNet-segmentation", in percent. The table reports one
 model; its caption is not in our copy of the paper: most likely ViT-H-14 laion2b_s32b_b79k, the default of
 their compute_segmentations.py (unverified). These are pixel accuracy / mIoU / mAP, not three models' accuracies.
 """
@@ -147,7 +147,7 @@ def report_missing(lines: list[str]) -> int:
     print("bench_segmentation needs, and did not find:")
     for line in lines:
         print(f"  - {line}")
-    print("Paper 002's table for comparison (pixel acc. / mIoU / mAP, %; one model, most likely ViT-H-14 laion2b):")
+    print("Gandelsman et al.'s table for comparison (pixel acc. / mIoU / mAP, %; one model, most likely ViT-H-14 laion2b):")
     for name, values in PAPER_TABLE.items():
         print(f"  {name:14} {values[0]:6.2f} {values[1]:6.2f} {values[2]:6.2f}")
     return EXIT_MISSING
@@ -189,7 +189,7 @@ def evaluate(vision, classifier: torch.Tensor, loader, methods: list[str], setti
         if "decomposition" in methods:
             start = _clock(device)
             heatmaps, scores = seg.text_heatmaps(vision, images, classifier, return_scores=True)
-            chosen = scores.argmax(dim=1)  # the model's own zero-shot top-1, as paper 002
+            chosen = scores.argmax(dim=1)  # the model's own zero-shot top-1, as Gandelsman et al. (2024)
             maps["decomposition"] = heatmaps[batch, chosen]
             seconds["decomposition"] += _clock(device) - start
         if chosen is None:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if classifier is None:
         return report_missing([missing_classifier])
 
-    from vit_lens.segmentation import ImageNetSegmentation
+    from vit_lens.methods.segmentation.maps import ImageNetSegmentation
 
     data = ImageNetSegmentation(args.data, image_size=args.image_size, mode=args.mode)
     if args.limit is not None:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from vit_lens.textspan import textspan
+from vit_lens.methods.textspan.textspan import textspan
 
 
 def synthetic_head(n: int, d: int, n_texts: int, signal_rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Paper 002, Table 2: Waterbirds worst-group accuracy before and after mean-ablating spurious-cue heads.
+"""Gandelsman et al. (2024), Table 2: Waterbirds worst-group accuracy before and after mean-ablating spurious-cue heads.
 
 Gandelsman et al. read each late head's TextSpan descriptions, picked the "geolocation" and "image
 setting" heads, and mean-ablated their direct contributions to the CLIP image embedding. Their
@@ -8,7 +8,7 @@ set itself; ``--extra paper`` (the default) does the same, ``--extra none`` abla
 
 Protocol: zero-shot classes ("landbird", "waterbird") x the 80 OpenAI ImageNet templates; test
 split (5,794 images); groups 2 * y + place; decomposition ``level="head", ln_mode="paper",
-normalize=True`` written to disk once (resumable) with ``vit_lens.store``; "base" is the unmodified
+normalize=True`` written to disk once (resumable) with ``vit_lens.intervene.store``; "base" is the unmodified
 model; "random" is the best worst-group accuracy of 5 draws of 10 random heads from the last
 four layers, with the same extra ablations (the paper does not say which heads it drew from).
 
@@ -153,9 +153,9 @@ def main(argv=None) -> int:
         if args.pretrained is None:
             return exit_needs(script, [f"  - --pretrained: no paper default for {arch}; pass an open_clip tag or checkpoint."])
 
-    from vit_lens.datasets import WATERBIRDS_GROUP_NAMES, WATERBIRDS_URL, Waterbirds, image_batches, subset_tensor
-    from vit_lens.spurious import paper_waterbirds_heads, random_heads_baseline, spurious_cue_removal, waterbirds_classifier
-    from vit_lens.store import compute_contributions_to_disk
+    from vit_lens.loading.datasets import WATERBIRDS_GROUP_NAMES, WATERBIRDS_URL, Waterbirds, image_batches, subset_tensor
+    from vit_lens.methods.textspan.spurious import paper_waterbirds_heads, random_heads_baseline, spurious_cue_removal, waterbirds_classifier
+    from vit_lens.intervene.store import compute_contributions_to_disk
 
     data_need = (
         f"  - the Waterbirds dataset (Sagawa et al., 2019): download {WATERBIRDS_URL}, extract it, and pass "

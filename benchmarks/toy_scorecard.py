@@ -22,11 +22,11 @@ import time
 import torch
 
 import vit_lens
-from vit_lens.decompose import required_hooks
-from vit_lens.interventions import patch_from_cache
-from vit_lens.patching import activation_patching
-from vit_lens.report import head_outputs_over
-from vit_lens.segmentation import (
+from vit_lens.intervene.decompose import required_hooks
+from vit_lens.intervene.interventions import patch_from_cache
+from vit_lens.intervene.patching import activation_patching
+from vit_lens.viz.report import head_outputs_over
+from vit_lens.methods.segmentation.maps import (
     SegmentationMetrics,
     attention_gradcam,
     attention_rollout,
@@ -35,7 +35,7 @@ from vit_lens.segmentation import (
     text_heatmaps,
     upsample,
 )
-from vit_lens.textspan import textspan
+from vit_lens.methods.textspan.textspan import textspan
 from vit_lens.toy import FACTORS, ToyWorld, description_pool, factor_accuracy, factor_prompts
 
 
@@ -78,7 +78,7 @@ def segmentation(clip, batch, factor: str = "colour") -> list[list]:
         maps = text_heatmaps(vision, batch.images, classes.T)  # [n, k, rows, cols]
     ours = maps[torch.arange(len(batch)), batch.factors[factor]]
     methods = {
-        "decomposition (paper 002)": ours,
+        "decomposition (Gandelsman et al. 2024)": ours,
         "raw attention (last layer)": raw_attention(vision, batch.images),
         "attention rollout": attention_rollout(vision, batch.images),
         "GradCAM (last layer)": attention_gradcam(vision, batch.images, target),

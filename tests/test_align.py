@@ -1,4 +1,4 @@
-"""Beyond CLIP (seed 004): maps into CLIP space recover planted maps; scores rank planted components first."""
+"""Beyond CLIP (Balasubramanian et al. 2024): maps into CLIP space recover planted maps; scores rank planted components first."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.conftest import assert_rel_close, relative_error
 from vit_lens import HookedViT, load_toy_clip
-from vit_lens.align import (
+from vit_lens.methods.alignment.compalign import (
     PAPER_SETTINGS,
     ComponentAligner,
     ComponentScores,
@@ -22,12 +22,12 @@ from vit_lens.align import (
     property_embeddings,
     train_aligner,
 )
-from vit_lens.decompose import direct_contributions, required_hooks
-from vit_lens.retrieval import nearest_by_components
-from vit_lens.spurious import mean_ablate_components
-from vit_lens.statistics import compute_hook_statistics
-from vit_lens.store import compute_contributions_to_disk
-from vit_lens.textspan import textspan
+from vit_lens.intervene.decompose import direct_contributions, required_hooks
+from vit_lens.methods.textspan.retrieval import nearest_by_components
+from vit_lens.methods.textspan.spurious import mean_ablate_components
+from vit_lens.intervene.statistics import compute_hook_statistics
+from vit_lens.intervene.store import compute_contributions_to_disk
+from vit_lens.methods.textspan.textspan import textspan
 from vit_lens.toy import ToyWorld, factor_prompts
 
 LABELS = ["embed", "L0H0", "L0H1", "L0MLP", "L1H0", "L1H1", "L1MLP"]

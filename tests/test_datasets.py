@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vit_lens.datasets import WATERBIRDS_URL, Waterbirds, evenly_spaced, image_batches, subset_tensor
+from vit_lens.loading.datasets import WATERBIRDS_URL, Waterbirds, evenly_spaced, image_batches, subset_tensor
 
 # img_id, img_filename, y, split, place; colour = (10 * img_id, 0, 255 - 10 * img_id)
 ROWS = [

@@ -1,4 +1,4 @@
-"""Layer decoding (seed 001, Sec. 3.5): the CLIP lens on the toy CLIP, ΔS^l, convergence layers, pruning evaluation."""
+"""Layer decoding ("Peeling Back the Layers", Sec. 3.5): the CLIP lens on the toy CLIP, ΔS^l, convergence layers, pruning evaluation."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import vit_lens
 from tests.conftest import assert_rel_close
-from vit_lens.decoding import (
+from vit_lens.methods.layers.decoding import (
     CaptionerDecoder,
     CLIPLens,
     LayerDescriptions,
@@ -18,9 +18,9 @@ from vit_lens.decoding import (
     evaluate_pruning,
     plot_layer_descriptions,
 )
-from vit_lens.decompose import direct_contributions
-from vit_lens.pruning import prune_heads
-from vit_lens.text_metrics import exact_match, rouge_l
+from vit_lens.intervene.decompose import direct_contributions
+from vit_lens.intervene.pruning import prune_heads
+from vit_lens.methods.layers.text_metrics import exact_match, rouge_l
 from vit_lens.toy import ToyWorld, description_pool, factor_prompts
 
 

@@ -7,12 +7,12 @@ import torch
 
 from tests.conftest import FAMILIES, assert_rel_close, tiny_config
 from vit_lens import HookedViT
-from vit_lens.decompose import LEVELS, LN_MODES, direct_contributions, direct_effect_mean_ablation, required_hooks
+from vit_lens.intervene.decompose import LEVELS, LN_MODES, direct_contributions, direct_effect_mean_ablation, required_hooks
 
 
 
 def representation(model, out, cache):
-    """What the decomposition must add up to, computed independently of vit_lens.decompose."""
+    """What the decomposition must add up to, computed independently of vit_lens.intervene.decompose."""
     if model.cfg.d_proj is not None:
         return out
     pooled = cache["hook_pooled"]

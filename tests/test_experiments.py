@@ -1,4 +1,4 @@
-"""experiments: seed 001's layer-averaging curves (section 4.2, figure 2) and layer readout (section 4.3).
+"""experiments: the "Peeling Back the Layers" paper's layer-averaging curves (section 4.2, figure 2) and layer readout (section 4.3).
 
 The curves are checked against the averaging hooks run by hand, against exact identities (the mean
 of a one-image dataset changes nothing; averaging a block's output makes the output image-independent;
@@ -14,7 +14,7 @@ import vit_lens
 from tests.conftest import FAMILIES, tiny_config
 from vit_lens import HookedViT
 from vit_lens import experiments as E
-from vit_lens.interventions import average_attention_input, average_layer_output, average_residual_connection
+from vit_lens.intervene.interventions import average_attention_input, average_layer_output, average_residual_connection
 from vit_lens.toy import ToyWorld, factor_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread

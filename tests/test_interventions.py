@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import tiny_config
 from vit_lens import HookedViT
-from vit_lens.interventions import (
+from vit_lens.intervene.interventions import (
     average_attention_input,
     average_layer_output,
     average_residual_connection,
@@ -20,7 +20,7 @@ from vit_lens.interventions import (
     scale,
     zero_ablate,
 )
-from vit_lens.statistics import compute_hook_statistics
+from vit_lens.intervene.statistics import compute_hook_statistics
 
 Z1 = "blocks.1.attn.hook_z"
 RESID1 = "blocks.1.hook_resid_post"
@@ -353,7 +353,7 @@ def test_mean_ablate_with_statistics_of_another_hook_names_the_fix(tiny_model, i
         tiny_model.run_with_hooks(images, fwd_hooks=[(Z1, mean_ablate(stats))])
 
 
-# ---------------------------------------------------------------------------------------------- seed 001
+# ---------------------------------------------------------------------------------------------- "Peeling Back the Layers"
 
 
 def test_average_layer_output_with_the_image_own_mean_reproduces_its_output(tiny_model):

@@ -1,4 +1,4 @@
-"""layers: seed 001's heatmap perspective (A^l, dA^l, per-head maps), high-norm tokens and the data-flow split.
+"""layers: the "Peeling Back the Layers" paper's heatmap perspective (A^l, dA^l, per-head maps), high-norm tokens and the data-flow split.
 
 Maps are checked against the full cached patterns; the outlier rule against hand-made norms and a
 token planted by a hook; the residual update (eq. 6) against ``resid_post - resid_pre`` (1e-5 relative)

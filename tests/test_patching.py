@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import tiny_config
 from vit_lens import HookedViT
-from vit_lens.patching import activation_patching, attribution_patching
+from vit_lens.intervene.patching import activation_patching, attribution_patching
 
 EXACT = dict(rtol=1e-6, atol=1e-5)
 

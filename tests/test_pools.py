@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vit_lens.pools import PAPER_POOLS, default_text_pool, load_text_pool, paper_text_pool, save_text_pool
-from vit_lens.pools import generate
+from vit_lens.methods.textspan.pools import PAPER_POOLS, default_text_pool, load_text_pool, paper_text_pool, save_text_pool
+from vit_lens.methods.textspan.pools import generate
 
 PAPER_DIR = Path(__file__).resolve().parents[2] / "shared" / "textspan_text_descriptions"
 

@@ -1,12 +1,12 @@
-"""Head pruning (seed 001, Algorithm 1): scores, softmax coefficients, pruning, and hooks that apply them."""
+"""Head pruning ("Peeling Back the Layers", Algorithm 1): scores, softmax coefficients, pruning, and hooks that apply them."""
 
 import pytest
 import torch
 
 from tests.conftest import tiny_config
 from vit_lens import HookedViT
-from vit_lens.decompose import direct_contributions
-from vit_lens.pruning import cosine_scorer, head_scores, prune_heads
+from vit_lens.intervene.decompose import direct_contributions
+from vit_lens.intervene.pruning import cosine_scorer, head_scores, prune_heads
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from tests.conftest import tiny_config
 from vit_lens import HookedViT
-from vit_lens.decompose import direct_contributions
-from vit_lens.retrieval import nearest_by_components, nearest_by_text, select_components
-from vit_lens.store import compute_contributions_to_disk
+from vit_lens.intervene.decompose import direct_contributions
+from vit_lens.methods.textspan.retrieval import nearest_by_components, nearest_by_text, select_components
+from vit_lens.intervene.store import compute_contributions_to_disk
 
 LABELS = ["embed", "L0H0", "L0H1", "L0MLP", "L1H0", "L1H1", "L1MLP"]
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tests.conftest import FAMILIES, assert_rel_close, tiny_config
 from vit_lens import HookedViT
 from vit_lens import segmentation as seg
-from vit_lens.decompose import direct_contributions
+from vit_lens.intervene.decompose import direct_contributions
 
 N_PREFIX = 3  # tiny_model: CLS + 2 registers, then a 4 x 4 grid of patches
 

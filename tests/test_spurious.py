@@ -5,8 +5,8 @@ import torch
 
 from tests.conftest import tiny_config
 from vit_lens import HookedViT
-from vit_lens.decompose import direct_contributions, direct_effect_mean_ablation
-from vit_lens.spurious import (
+from vit_lens.intervene.decompose import direct_contributions, direct_effect_mean_ablation
+from vit_lens.methods.textspan.spurious import (
     extra_ablation_mask,
     group_accuracy,
     mean_ablate_components,
@@ -15,7 +15,7 @@ from vit_lens.spurious import (
     random_heads_baseline,
     spurious_cue_removal,
 )
-from vit_lens.store import compute_contributions_to_disk
+from vit_lens.intervene.store import compute_contributions_to_disk
 
 NAMES = ("landbird on land", "landbird on water", "waterbird on land", "waterbird on water")
 LABELS = ["embed", "L0H0", "L0MLP", "L1H0", "L1H1", "L1MLP"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vit_lens.statistics import HookStatistics, compute_hook_statistics
+from vit_lens.intervene.statistics import HookStatistics, compute_hook_statistics
 
 NAMES = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern", "hook_image_embed"]
 # The axis each hook's statistics pool over with per_position=False (besides the batch axis).

@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import tiny_config
 from vit_lens import HookedViT
-from vit_lens.decompose import direct_contributions
-from vit_lens.store import ContributionStore, compute_contributions_to_disk
+from vit_lens.intervene.decompose import direct_contributions
+from vit_lens.intervene.store import ContributionStore, compute_contributions_to_disk
 
 
 @pytest.fixture(scope="module")

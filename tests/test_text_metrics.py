@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vit_lens import text_metrics
-from vit_lens.text_metrics import bertscore, bleu, cider, exact_match, get_metric, rouge_l
+from vit_lens.methods.layers.text_metrics import bertscore, bleu, cider, exact_match, get_metric, rouge_l
 
 PAIRWISE = [bleu, rouge_l, exact_match]
 

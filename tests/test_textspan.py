@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tests.conftest import assert_rel_close, relative_error
-from vit_lens.decompose import direct_contributions, required_hooks
-from vit_lens.store import compute_contributions_to_disk
-from vit_lens.textspan import (
+from vit_lens.intervene.decompose import direct_contributions, required_hooks
+from vit_lens.intervene.store import compute_contributions_to_disk
+from vit_lens.methods.textspan.textspan import (
     TextSpanTable,
     random_text_baseline,
     suggest_heads,

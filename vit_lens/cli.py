@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _demo_toy(args: argparse.Namespace):
     import torch
 
-    from vit_lens.report import demo_report
+    from vit_lens.viz.report import demo_report
     from vit_lens.toy import ToyWorld, description_pool, factor_prompts, load_toy_clip
 
     if args.image:
@@ -50,8 +50,9 @@ def _demo_real(args: argparse.Namespace):
     import torch
     from PIL import Image
 
-    from vit_lens import HookedCLIP, HookedViT
-    from vit_lens.report import demo_report
+    from vit_lens.model.clip import HookedCLIP
+    from vit_lens.model.hooked_vit import HookedViT
+    from vit_lens.viz.report import demo_report
 
     if not args.image:
         raise SystemExit(f"--model {args.model} needs images: pass one or more --image PATH (jpg/png)")
@@ -63,7 +64,7 @@ def _demo_real(args: argparse.Namespace):
     pool = pool_embeddings = None
     if kind == "open_clip":
         from vit_lens.loading.open_clip import open_clip_imagenet_classnames
-        from vit_lens.pools import default_text_pool
+        from vit_lens.methods.textspan.pools import default_text_pool
 
         clip = HookedCLIP.from_pretrained(args.model, pretrained=args.pretrained)
         model, preprocess = clip.vision, clip.preprocess
@@ -101,7 +102,7 @@ def _demo_real(args: argparse.Namespace):
 def _check(args: argparse.Namespace) -> int:
     import torch
 
-    from vit_lens import HookedViT
+    from vit_lens.model.hooked_vit import HookedViT
     from vit_lens.loading import load_source_model, source_residual_stream
 
     torch.manual_seed(args.seed)

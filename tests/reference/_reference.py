@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from tests.conftest import assert_rel_close
-from vit_lens.cache import VisionActivationCache
-from vit_lens.hooked_vit import HookedViT
+from vit_lens.model.cache import VisionActivationCache
+from vit_lens.model.hooked_vit import HookedViT
 
 
 def seeded_images(batch: int, height: int, width: int, seed: int = 0) -> Tensor:

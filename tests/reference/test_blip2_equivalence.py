@@ -20,8 +20,9 @@ from transformers import (
 
 from tests.conftest import assert_rel_close
 from tests.reference._reference import assert_residuals_match, perturb_vector_params_, run_source, seeded_images
-from vit_lens.decoding import CaptionerDecoder, decode_layers
-from vit_lens.loading.blip2 import HookedBlip2, convert_blip2_vision, hooked_vit_from_blip2
+from vit_lens.methods.layers.decoding import CaptionerDecoder, decode_layers
+from vit_lens.loading.blip2 import convert_blip2_vision
+from vit_lens.model.blip2 import HookedBlip2, hooked_vit_from_blip2
 
 N_QUERY = 4
 IMAGE_TOKEN = 59

@@ -1,6 +1,6 @@
 """EVA (timm ``Eva``) towers against their sources: open_clip's EVA01 / EVA02 CLIP and timm itself.
 
-EVA01-g-14 is the model of seed 001 (40 layers of width 1408); EVA02 adds rotary embeddings on
+EVA01-g-14 is the model of "Peeling Back the Layers" (40 layers of width 1408); EVA02 adds rotary embeddings on
 q/k, SwiGLU MLPs and sub-LayerNorms inside attention and the MLP. The towers here are the same
 timm architectures (the names open_clip's configs use, with every architecture flag) at width 64
 and depth 2, so the test runs in seconds; a tiny text tower stands in for the real one. Every
@@ -22,7 +22,7 @@ from tests.reference._reference import (
     Case, assert_residuals_match, equivalence_case, perturb_vector_params_, seeded_images,
 )
 from vit_lens import HookedCLIP, HookedViT
-from vit_lens.decompose import direct_contributions
+from vit_lens.intervene.decompose import direct_contributions
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
 TINY_TEXT = dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)
@@ -44,7 +44,7 @@ def small_timm(name: str, img_size: int, **kwargs) -> nn.Module:
 # id: (model as the docs table shows it, source, builder, image size)
 MODELS = {
     "EVA01-g-14": (
-        "EVA01-g-14 (EVA-CLIP; the tower of seed 001)", "open_clip (timm `eva_giant_patch14_224` trunk)",
+        "EVA01-g-14 (EVA-CLIP; the tower of 'Peeling Back the Layers')", "open_clip (timm `eva_giant_patch14_224` trunk)",
         lambda: small_open_clip("EVA01-g-14", 56), 56,
     ),
     "EVA02-B-16": (

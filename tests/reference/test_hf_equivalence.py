@@ -17,7 +17,7 @@ from tests.reference._reference import (
     Case, assert_residuals_match, equivalence_case, perturb_vector_params_, seeded_images,
 )
 from vit_lens import HookedCLIP, HookedViT
-from vit_lens.decompose import direct_contributions
+from vit_lens.intervene.decompose import direct_contributions
 from vit_lens.loading.hf import _layers
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)

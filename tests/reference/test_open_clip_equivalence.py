@@ -16,7 +16,7 @@ from torch import Tensor
 from tests.conftest import assert_rel_close
 from tests.reference._reference import assert_residuals_match, perturb_vector_params_, run_source, seeded_images
 from vit_lens import HookedCLIP, HookedViT
-from vit_lens.cache import VisionActivationCache
+from vit_lens.model.cache import VisionActivationCache
 
 
 def small_clip(**vision_overrides) -> open_clip.CLIP:

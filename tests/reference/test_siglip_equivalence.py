@@ -21,7 +21,7 @@ from tests.reference._reference import (
     Case, assert_residuals_match, equivalence_case, perturb_vector_params_, seeded_images,
 )
 from vit_lens import HookedCLIP, HookedViT
-from vit_lens.decompose import direct_contributions, required_hooks
+from vit_lens.intervene.decompose import direct_contributions, required_hooks
 
 SMALL = dict(embed_dim=64, depth=2, num_heads=4)
 TINY_TEXT = dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)

@@ -14,7 +14,7 @@ from torch import Tensor
 from tests.conftest import assert_rel_close
 from tests.reference._reference import assert_residuals_match, perturb_vector_params_, run_source, seeded_images
 from vit_lens import HookedViT
-from vit_lens.cache import VisionActivationCache
+from vit_lens.model.cache import VisionActivationCache
 
 # DINOv2 models default to 518px (1369 patches), which is slow on CPU for no extra coverage:
 # built at 126px (9x9 patches of 14px) they have the same blocks, LayerScale and prefix tokens.

@@ -9,7 +9,7 @@ every parameter the source has is either placed or refused (``SourceParams``).
 import torch
 from torch import Tensor, nn
 
-from vit_lens.config import ViTConfig
+from vit_lens.model.config import ViTConfig
 from vit_lens.loading._common import SourceParams, activation_name, attention_and_mlp, layer_norm_eps, map_head, unsupported
 
 _HF_ACTIVATIONS = {

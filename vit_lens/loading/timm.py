@@ -8,7 +8,7 @@ EVA-CLIP towers use them).
 import torch
 from torch import Tensor, nn
 
-from vit_lens.config import ViTConfig
+from vit_lens.model.config import ViTConfig
 from vit_lens.loading._common import (
     SourceParams,
     activation_name,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit_lens.config import ViTConfig
+from vit_lens.model.config import ViTConfig
 
 WEIGHTS_FILE = "toy_clip.safetensors"
 
@@ -40,8 +40,8 @@ def build_toy_clip(
     Matrices start at ``N(0, 1/fan_in)`` (output projections further scaled by ``1/sqrt(2 n_layers)``),
     LayerNorms at identity, biases at zero and position embeddings small.
     """
-    from vit_lens.clip import HookedCLIP
-    from vit_lens.hooked_vit import HookedViT
+    from vit_lens.model.clip import HookedCLIP
+    from vit_lens.model.hooked_vit import HookedViT
     from vit_lens.toy.text import ToyTextTower, ToyTokenizer
 
     if seed is not None:

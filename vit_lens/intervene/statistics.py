@@ -1,0 +1,276 @@
+"""Dataset statistics of hook activations: streamed means and variances, saved as safetensors.
+
+:func:`compute_hook_statistics` runs a dataset through the model once, with hooks that fold each
+batch into running float64 means (and sums of squared deviations) with Chan et al.'s pairwise
+update, so neither the dataset nor its activations are ever held in memory and large offsets do
+not cancel digits the way a sum of squares would. The result, a :class:`HookStatistics`, is what
+:func:`vit_lens.intervene.interventions.mean_ablate` and the layer-averaging hooks take.
+"""
+
+import contextlib
+import itertools
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from vit_lens.model.hook_layout import hook_axes
+
+_FORMAT = "vit_lens.HookStatistics/1"
+
+
+class HookStatistics:
+    """Count, mean and (optionally) variance of hook activations over a dataset, per hook name.
+
+    Statistics are over the batch axis, kept per token position by default. With
+    ``per_position=False`` they are pooled over the token axis too (the query axis of attention
+    patterns); that axis is kept with size 1 so the mean still broadcasts to the activation:
+    ``[1, d_model]`` for a residual hook, ``[1, head, d_head]`` for ``hook_z``, ``[head, 1, key]``
+    for ``hook_pattern``. Hooks without a token axis (``hook_pooled``, ``hook_image_embed``) give
+    ``[d]`` either way. Everything is stored in float64.
+
+    Build one with :func:`compute_hook_statistics`, or feed batches yourself with :meth:`update`.
+
+    Example:
+        >>> stats = HookStatistics(variance=True)
+        >>> stats.update("blocks.0.hook_resid_post", torch.ones(4, 5, 8))
+        >>> stats.mean("blocks.0.hook_resid_post").shape, stats.count("blocks.0.hook_resid_post")
+        (torch.Size([5, 8]), 4)
+    """
+
+    def __init__(self, *, per_position: bool = True, variance: bool = False):
+        self.per_position = per_position
+        self.variance = variance
+        self._counts: dict[str, int] = {}
+        self._means: dict[str, Tensor] = {}
+        self._m2: dict[str, Tensor] = {}  # sums of squared deviations from the mean
+
+    @property
+    def names(self) -> list[str]:
+        """The hook names held, in the order they were first seen (forward order)."""
+        return list(self._counts)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._counts
+
+    def __getitem__(self, name: str) -> Tensor:
+        """The mean of hook ``name``, as :meth:`mean`."""
+        return self.mean(name)
+
+    def __repr__(self) -> str:
+        kind = "per position" if self.per_position else "pooled over positions"
+        return f"HookStatistics({len(self._counts)} hooks, {kind}, variance={self.variance}, names={self.names})"
+
+    def count(self, name: str) -> int:
+        """How many values each entry of the mean averages: images, or images x tokens if pooled."""
+        return self._counts[self._check_name(name)]
+
+    def mean(self, name: str) -> Tensor:
+        """The float64 mean of hook ``name``: the activation's shape without the batch axis (see the class)."""
+        return self._means[self._check_name(name)]
+
+    def var(self, name: str, correction: int = 1) -> Tensor:
+        """The float64 variance of hook ``name``, with ``correction`` as in ``torch.var`` (1: unbiased).
+
+        Needs ``variance=True`` when the statistics were computed.
+        """
+        self._check_name(name)
+        if not self.variance:
+            raise ValueError("These HookStatistics were computed without variances; pass variance=True")
+        return self._m2[name] / (self._counts[name] - correction)
+
+    @torch.no_grad()
+    def update(self, name: str, activation: Float[Tensor, "batch *rest"]) -> None:
+        """Fold one batch of hook ``name``'s activation into the running statistics.
+
+        Args:
+            name: The hook point's name (its token axis is read from it).
+            activation: ``[batch, ...]`` as the hook point gives it.
+        """
+        values = activation.detach()
+        if values.device.type == "mps":  # MPS has no float64
+            values = values.cpu()
+        values = values.to(torch.float64)
+        position = hook_axes(name, values.ndim).position
+        dims = (0,) if self.per_position or position is None else (0, position)
+        n_new = math.prod(values.shape[d] for d in dims)
+        mean_new = values.mean(dim=dims, keepdim=True)
+        m2_new = (values - mean_new).square().sum(dim=dims, keepdim=True).squeeze(0) if self.variance else None
+        mean_new = mean_new.squeeze(0)
+        if name not in self._counts:
+            self._counts[name], self._means[name] = n_new, mean_new
+            if m2_new is not None:
+                self._m2[name] = m2_new
+            return
+        mean = self._means[name]
+        if mean.shape != mean_new.shape:
+            raise ValueError(
+                f"{name!r} had shape {tuple(mean.shape)} (without the batch axis) in earlier batches and "
+                f"{tuple(mean_new.shape)} now; statistics per position need images of one size "
+                "(or use per_position=False)"
+            )
+        n_old = self._counts[name]
+        total = n_old + n_new
+        delta = mean_new.to(mean.device) - mean
+        mean += delta * (n_new / total)
+        if m2_new is not None:
+            self._m2[name] += m2_new.to(mean.device) + delta.square() * (n_old * n_new / total)
+        self._counts[name] = total
+
+    def save(self, path: str | Path) -> None:
+        """Write the statistics to a safetensors file (means, sums of squared deviations, counts).
+
+        Example:
+            >>> stats.save("resid_means.safetensors")  # doctest: +SKIP
+            >>> stats = HookStatistics.load("resid_means.safetensors")  # doctest: +SKIP
+        """
+        from safetensors.torch import save_file
+
+        tensors = {f"{name}/mean": mean.contiguous().cpu() for name, mean in self._means.items()}
+        tensors.update({f"{name}/m2": m2.contiguous().cpu() for name, m2 in self._m2.items()})
+        metadata = {
+            "format": _FORMAT,
+            "names": json.dumps(self.names),
+            "counts": json.dumps(self._counts),
+            "per_position": json.dumps(self.per_position),
+            "variance": json.dumps(self.variance),
+        }
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "HookStatistics":
+        """Read statistics written by :meth:`save`; :meth:`update` can continue from them."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as file:
+            metadata = file.metadata() or {}
+            if metadata.get("format") != _FORMAT:
+                raise ValueError(
+                    f"{path} is not a file written by HookStatistics.save (its metadata format is "
+                    f"{metadata.get('format')!r}, expected {_FORMAT!r})"
+                )
+            stats = cls(per_position=json.loads(metadata["per_position"]), variance=json.loads(metadata["variance"]))
+            counts = json.loads(metadata["counts"])
+            for name in json.loads(metadata["names"]):
+                stats._counts[name] = int(counts[name])
+                stats._means[name] = file.get_tensor(f"{name}/mean")
+                if stats.variance:
+                    stats._m2[name] = file.get_tensor(f"{name}/m2")
+        return stats
+
+    def _check_name(self, name: str) -> str:
+        if name not in self._counts:
+            raise KeyError(
+                f"No statistics for {name!r}; these HookStatistics hold {self.names}. Compute it with "
+                f"compute_hook_statistics(model, data, [{name!r}, ...])"
+            )
+        return name
+
+
+def compute_hook_statistics(
+    model: Any,
+    data: Iterable,
+    names: str | Sequence[str] | Callable[[str], bool],
+    *,
+    variance: bool = False,
+    per_position: bool = True,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> HookStatistics:
+    """Stream a dataset through the model once and accumulate statistics of the named hooks.
+
+    Hooks only observe: each batch's activations are folded into float64 running statistics and
+    dropped, so memory does not grow with the dataset and nothing else is cached. When every name
+    is inside the first blocks, the forward stops after the last block needed.
+
+    Args:
+        model: A ``HookedViT``, or a ``HookedCLIP`` (its image tower is run).
+        data: An iterable of image batches ``[batch, channels, height, width]`` (a DataLoader,
+            a list of tensors, ...), or of ``(images, labels, ...)`` tuples; images are moved to
+            the model's device and dtype.
+        names: Hook names (one or a list), or a filter function of the name.
+        variance: Also accumulate variances (:meth:`HookStatistics.var`).
+        per_position: Keep statistics per token (default), or pool over tokens.
+        max_batches: Stop after this many batches.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        A :class:`HookStatistics` with the hooks that were run.
+
+    Example:
+        >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64)  # doctest: +SKIP
+        >>> names = [f"blocks.{layer}.hook_resid_post" for layer in range(12)]
+        >>> stats = compute_hook_statistics(model, loader, names)  # doctest: +SKIP
+        >>> stats.mean("blocks.3.hook_resid_post").shape  # [pos, d_model]  # doctest: +SKIP
+    """
+    tower = getattr(model, "vision", model)
+    if isinstance(names, str):
+        names = [names]
+    if not callable(names) and not names:
+        raise ValueError("compute_hook_statistics needs at least one hook name")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    stats = HookStatistics(per_position=per_position, variance=variance)
+
+    def accumulate(activation, hook):
+        stats.update(hook.name, activation)
+
+    # dict.fromkeys: a name listed twice must not be counted twice
+    fwd_hooks = [(names, accumulate)] if callable(names) else [(name, accumulate) for name in dict.fromkeys(names)]
+    stop_at_layer = None if callable(names) else _last_block_needed(tower, names)
+    reference = next(tower.parameters())
+    total = len(data) if hasattr(data, "__len__") else None
+    if max_batches is not None:
+        total = min(total, max_batches) if total is not None else max_batches
+        data = itertools.islice(data, max_batches)  # so that no batch past the last is loaded
+    n_batches = 0
+    with torch.no_grad(), tower.hooks(fwd_hooks=fwd_hooks), _progress(total, progress) as bar:
+        for batch in data:
+            images = _images_of(batch).to(reference.device)
+            # Only float images take the model's dtype: integer pixels must still meet HookedViT's check.
+            images = images.to(reference.dtype) if images.is_floating_point() else images
+            tower(images, stop_at_layer=stop_at_layer)
+            n_batches += 1
+            bar.update()
+    if not n_batches:
+        raise ValueError("compute_hook_statistics got no batches from data")
+    return stats
+
+
+def _last_block_needed(tower: Any, names: Sequence[str]) -> int | None:
+    """``stop_at_layer`` that still runs every named hook, or None for the whole tower."""
+    layers = []
+    for name in names:
+        prefix, _, rest = name.partition(".")
+        layer, _, _ = rest.partition(".")
+        if prefix != "blocks" or not layer.isdigit():
+            return None
+        layers.append(int(layer))
+    stop = max(layers) + 1
+    return stop if stop < tower.cfg.n_layers else None
+
+
+def _images_of(batch: Any) -> Tensor:
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, Tensor):
+        return batch
+    raise TypeError(
+        f"compute_hook_statistics takes batches of images [batch, channels, height, width] or (images, labels) "
+        f"tuples, got a {type(batch).__name__}; map other formats first, e.g. (b['pixel_values'] for b in loader)"
+    )
+
+
+def _progress(total: int | None, show: bool) -> Any:
+    """A tqdm bar to ``update()`` once per batch, or a stand-in that shows nothing."""
+    if not show:
+        return contextlib.nullcontext(SimpleNamespace(update=lambda: None))
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="hook statistics", unit="batch")

@@ -1,0 +1,207 @@
+"""HookedCLIP: a hooked CLIP vision tower beside the source model's own text tower."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from vit_lens.model.cache import VisionActivationCache
+from vit_lens.model.hooked_vit import HookedViT
+
+Template = str | Callable[[str], str]
+
+
+class HookedCLIP(nn.Module):
+    """A CLIP model whose image tower is a :class:`HookedViT`.
+
+    The text tower is the source model's own (its parameters are shared, not copied), so text
+    embeddings are open_clip's to the bit; the image tower is re-implemented with hooks and
+    matches open_clip's ``encode_image`` layer by layer.
+
+    Attributes:
+        vision: The :class:`HookedViT` image tower; hooks and caches live here.
+        tokenizer: Turns strings into token ids for the text tower (None: pass token ids).
+        preprocess: The source model's evaluation image transform (PIL image -> tensor).
+
+    Example:
+        >>> import open_clip, vit_lens
+        >>> source = open_clip.create_model("ViT-B-32", pretrained=None)  # doctest: +SKIP
+        >>> clip = vit_lens.HookedCLIP.from_open_clip(source, tokenizer=open_clip.get_tokenizer("ViT-B-32"))  # doctest: +SKIP
+        >>> clip.encode_text(["a photo of a dog"]).shape  # doctest: +SKIP
+        torch.Size([1, 512])
+    """
+
+    def __init__(
+        self,
+        vision: HookedViT,
+        text_model: nn.Module,
+        logit_scale: Tensor,
+        logit_bias: Tensor | None = None,
+        tokenizer: Callable | None = None,
+        preprocess: Callable | None = None,
+    ):
+        super().__init__()
+        self.vision = vision
+        self.text_model = text_model
+        self.logit_scale = logit_scale
+        self.logit_bias = logit_bias
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+
+    @classmethod
+    def from_open_clip(
+        cls,
+        model: nn.Module,
+        tokenizer: Callable | None = None,
+        *,
+        vision: HookedViT | None = None,
+        dynamic_img_size: bool | None = None,
+    ) -> "HookedCLIP":
+        """Wrap an open_clip ``CLIP`` / ``CustomTextCLIP``.
+
+        Args:
+            model: The open_clip model (not only its ``.visual``: the text tower is needed).
+            tokenizer: ``open_clip.get_tokenizer(<arch>)``; needed to pass strings to ``encode_text``.
+            vision: A HookedViT already converted from ``model`` to use as the image tower (saves
+                converting twice); by default one is converted here.
+            dynamic_img_size: Passed to :meth:`HookedViT.from_open_clip`.
+        """
+        from vit_lens.loading.open_clip import open_clip_text_parts
+
+        parts = open_clip_text_parts(model)
+        if vision is None:
+            vision = HookedViT.from_open_clip(model, dynamic_img_size=dynamic_img_size)
+        else:
+            # timm towers (EVA-CLIP, SigLIP) do not store output_dim
+            width = getattr(model.visual, "output_dim", None)
+            if not isinstance(vision, HookedViT) or (width is not None and vision.cfg.d_output != width):
+                raise ValueError(
+                    f"vision= must be the HookedViT converted from this model's .visual (image embedding width {width})"
+                )
+        return cls(vision, tokenizer=tokenizer, **parts)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, processor: Any = None) -> "HookedCLIP":
+        """Wrap a transformers ``CLIPModel`` (or ``SiglipModel``).
+
+        Args:
+            model: The transformers model with both towers.
+            processor: Its ``CLIPProcessor`` / ``AutoProcessor`` (optional): gives ``tokenize``
+                (strings to ``input_ids``; SigLIP pads to ``max_length`` as it was trained) and
+                ``preprocess`` (a PIL image to a ``[3, H, W]`` tensor).
+
+        Example:
+            >>> import torch, transformers, vit_lens
+            >>> config = transformers.CLIPConfig(
+            ...     text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            ...                      vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2),
+            ...     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            ...                        image_size=32, patch_size=8), projection_dim=16)
+            >>> clip = vit_lens.HookedCLIP.from_hf(transformers.CLIPModel(config).eval())
+            >>> clip(torch.randn(2, 3, 32, 32), torch.tensor([[1, 5, 2], [1, 7, 2]])).shape
+            torch.Size([2, 2])
+        """
+        from vit_lens.loading.hf import hf_clip_text_parts
+
+        parts = hf_clip_text_parts(model, processor)
+        return cls(HookedViT.from_hf(model), **parts)
+
+    @classmethod
+    def from_pretrained(cls, name: str, pretrained: str | None = None, **kwargs: Any) -> "HookedCLIP":
+        """Build an open_clip model by name (``"ViT-B-16"`` or ``"open_clip:ViT-B-16"``) and wrap it.
+
+        ``pretrained`` is an open_clip pretrained tag or a checkpoint path (None: random weights).
+        """
+        from vit_lens.loading import load_source_model
+        from vit_lens.loading.open_clip import open_clip_tokenizer
+
+        arch = name if name.startswith("open_clip:") else f"open_clip:{name}"
+        _, model = load_source_model(arch, pretrained, **kwargs)
+        return cls.from_open_clip(model, tokenizer=open_clip_tokenizer(arch.split(":", 1)[1]))
+
+    # ------------------------------------------------------------------ encoders
+
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Float[Tensor, "batch d_embed"]:
+        """Image embeddings, as open_clip's ``encode_image`` (hooks on ``self.vision`` apply)."""
+        features = self.vision(images)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def tokenize(self, texts: str | Sequence[str]) -> Tensor:
+        """Token ids for ``texts`` with the model's tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "This HookedCLIP has no tokenizer; build it with tokenizer=open_clip.get_tokenizer(<arch>) "
+                "or pass token ids to encode_text."
+            )
+        return self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+
+    def encode_text(self, texts: str | Sequence[str] | Tensor, normalize: bool = False) -> Float[Tensor, "batch d_embed"]:
+        """Text embeddings from strings or token ids, computed by the source text tower."""
+        if isinstance(texts, Tensor):
+            tokens = texts
+        elif isinstance(texts, str) or (isinstance(texts, Sequence) and all(isinstance(t, str) for t in texts)):
+            tokens = self.tokenize(texts)
+        else:
+            raise TypeError(f"encode_text takes a string, a list of strings or token ids, got {type(texts).__name__}")
+        tokens = tokens.to(self.logit_scale.device)
+        return self.text_model.encode_text(tokens, normalize=normalize)
+
+    def forward(self, images: Tensor, texts: str | Sequence[str] | Tensor) -> Float[Tensor, "batch n_texts"]:
+        """Image-text logits ``logit_scale.exp() * cos(image, text) (+ logit_bias)``, ``[n_images, n_texts]``."""
+        image = self.encode_image(images, normalize=True)
+        text = self.encode_text(texts, normalize=True)
+        logits = self.logit_scale.exp() * image @ text.T
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    @torch.no_grad()
+    def zero_shot_classifier(
+        self,
+        classnames: Sequence[str],
+        templates: Sequence[Template] | None = None,
+        batch_size: int = 10,
+    ) -> Float[Tensor, "d_embed n_classes"]:
+        """Class embeddings averaged over prompt templates, as open_clip's ``build_zero_shot_classifier``.
+
+        Args:
+            classnames: One name per class.
+            templates: Format strings (``"a photo of a {}."``) or functions of the class name.
+                Default: the 80 OpenAI ImageNet templates that open_clip ships.
+            batch_size: Classes encoded per text batch.
+
+        Returns:
+            ``[d_embed, n_classes]``: unit-norm columns; ``encode_image(x, normalize=True) @ W``
+            gives the zero-shot scores.
+        """
+        if isinstance(classnames, str) or not classnames:
+            raise ValueError("classnames must be a non-empty list of class names")
+        if templates is None:
+            from vit_lens.loading.open_clip import open_clip_imagenet_templates
+
+            templates = open_clip_imagenet_templates()
+        if isinstance(templates, str) or not templates:
+            raise ValueError("templates must be a non-empty list of format strings or functions")
+        columns = []
+        for start in range(0, len(classnames), batch_size):
+            chunk = list(classnames[start : start + batch_size])
+            texts = [t(c) if callable(t) else t.format(c) for c in chunk for t in templates]
+            embeds = self.encode_text(texts, normalize=True).reshape(len(chunk), len(templates), -1).mean(dim=1)
+            columns.append(F.normalize(embeds, dim=-1).T)
+        return torch.cat(columns, dim=1)
+
+    # ------------------------------------------------------------------ hooks, delegated to the image tower
+
+    def run_with_cache(self, images: Tensor, **kwargs: Any) -> tuple[Tensor, VisionActivationCache]:
+        """``self.vision.run_with_cache``: the image embedding and the image tower's cache."""
+        return self.vision.run_with_cache(images, **kwargs)
+
+    def run_with_hooks(self, images: Tensor, **kwargs: Any) -> Tensor:
+        """``self.vision.run_with_hooks``: the image embedding under temporary hooks."""
+        return self.vision.run_with_hooks(images, **kwargs)
+
+    def hooks(self, *args: Any, **kwargs: Any):
+        """``self.vision.hooks``: a context manager of temporary image-tower hooks."""
+        return self.vision.hooks(*args, **kwargs)
+

@@ -1,0 +1,555 @@
+"""HookedViT: a vision transformer with a TransformerLens hook point on every activation."""
+
+from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens import FactoredMatrix, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from vit_lens.model.hook_checks import CheckedHook, check_hook_signature, unknown_hook_error
+from vit_lens.model.cache import VisionActivationCache
+from vit_lens.model.components import AttentionPool, Embed, Head, LayerNorm, Pool, PosEmbed, TransformerBlock
+from vit_lens.model.components._hooks import is_hooked
+from vit_lens.model.config import ViTConfig
+
+HookList = Sequence[tuple[str | Callable[[str], bool], Callable]]
+
+
+class HookedViT(HookedRootModule):
+    """A vision transformer re-implemented with TransformerLens hook points.
+
+    Build one from a source model (``from_open_clip``, ``from_timm``, ``from_pretrained``) or
+    from a :class:`ViTConfig`. The forward pass takes ``[batch, channels, height, width]`` float
+    images (already preprocessed) and returns the CLIP image embedding, the classifier logits,
+    or the pooled representation, whichever the source model returns.
+
+    Hook points (``model.hook_dict`` lists them all):
+
+    ========================================  ==============================================
+    ``hook_embed``                            [batch, pos, d_model] patch, CLS, register rows
+    ``hook_pos_embed``                        [batch, pos, d_model] (zero rows where none)
+    ``ln_pre.hook_scale/hook_normalized``     CLIP only; the residual stream starts after it
+    ``blocks.{l}.hook_resid_pre/mid/post``    [batch, pos, d_model]
+    ``blocks.{l}.ln1/ln2.hook_scale``         [batch, pos, 1]
+    ``blocks.{l}.ln1/ln2.hook_normalized``    [batch, pos, d_model]
+    ``blocks.{l}.attn.hook_q/k/v/z``          [batch, pos, head, d_head]
+    ``blocks.{l}.attn.hook_rot_q/rot_k``      [batch, pos, head, d_head] (rotary models)
+    ``blocks.{l}.attn.ln_z.*``                sub-LayerNorm on z (EVA-CLIP)
+    ``blocks.{l}.attn.hook_attn_scores``      [batch, head, query, key] (scaled, pre-softmax)
+    ``blocks.{l}.attn.hook_pattern``          [batch, head, query, key]
+    ``blocks.{l}.attn.hook_result``           [batch, pos, head, d_model] (only when hooked)
+    ``blocks.{l}.hook_attn_out/mlp_out``      [batch, pos, d_model] (LayerScale included)
+    ``blocks.{l}.mlp.hook_pre/hook_post``     [batch, pos, d_mlp]
+    ``blocks.{l}.mlp.hook_pre_linear``        [batch, pos, d_mlp] (gated MLPs: the linear branch)
+    ``blocks.{l}.mlp.ln_hidden.*``            sub-LayerNorm on the hidden units (EVA02)
+    ``ln_final.hook_scale/hook_normalized``   per token, or on the pooled vector (post-pool)
+    ``attn_pool.hook_pattern`` and friends      SigLIP-style attention pooling (see AttentionPool)
+    ``hook_pooled``                           [batch, d_model] ([batch, 2, d_model] for DeiT)
+    ``hook_image_embed``                      [batch, d_proj] after a CLIP projection
+    ``hook_logits``                           [batch, n_classes] after a classifier head
+    ========================================  ==============================================
+
+    Every hook may observe its tensor (return None) or replace it (return a tensor of the same
+    shape); a replacement always flows into the rest of the computation.
+
+    Example:
+        >>> import torch, vit_lens
+        >>> cfg = vit_lens.ViTConfig(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
+        ...                          patch_size=8, image_size=32, ln_pre=True, d_proj=16)
+        >>> model = vit_lens.HookedViT(cfg).init_weights(seed=0)
+        >>> embed, cache = model.run_with_cache(torch.randn(2, 3, 32, 32))
+        >>> tuple(cache["pattern", 1].shape)
+        (2, 4, 17, 17)
+    """
+
+    def __init__(self, cfg: ViTConfig | dict):
+        super().__init__()
+        cfg = ViTConfig(**cfg) if isinstance(cfg, dict) else cfg
+        self.cfg = cfg
+        self.embed = Embed(cfg)
+        self.pos_embed = PosEmbed(cfg)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model]
+        self.ln_pre = LayerNorm(cfg.d_model, cfg.eps) if cfg.ln_pre else None
+        if cfg.rotary != "none":
+            # [sin | cos] per patch, [n_patches, 2 * d_head], taken from the source model
+            self.register_buffer("rotary_sin_cos", torch.zeros(cfg.n_patches, 2 * cfg.d_head))
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = LayerNorm(cfg.d_model, cfg.eps) if cfg.final_norm != "none" else None
+        self.pool = Pool(cfg)
+        if cfg.pool_type == "map":
+            self.attn_pool = AttentionPool(cfg)
+        self.hook_pooled = HookPoint()  # [batch, d_model], or [batch, 2, d_model] for token_dist
+        if cfg.d_proj is not None:
+            self.W_proj = nn.Parameter(torch.empty(cfg.d_model, cfg.d_proj))
+            if cfg.proj_bias:
+                self.b_proj = nn.Parameter(torch.zeros(cfg.d_proj))
+            self.hook_image_embed = HookPoint()  # [batch, d_proj]
+        elif cfg.n_classes:
+            self.head = Head(cfg)
+            self.hook_logits = HookPoint()  # [batch, n_classes]
+        self.setup()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_open_clip(cls, model: nn.Module, *, dynamic_img_size: bool | None = None) -> "HookedViT":
+        """Convert an open_clip CLIP model (or its ``.visual``) with the same weights.
+
+        Args:
+            model: An ``open_clip`` ``CLIP``/``CustomTextCLIP`` or its ``.visual``: a
+                ``VisionTransformer``, or a ``TimmModel`` with a timm ViT / EVA trunk (EVA-CLIP,
+                SigLIP, SigLIP2).
+            dynamic_img_size: Accept other image sizes by resampling the position embeddings.
+                Default: as the source (open_clip takes only its own size).
+        """
+        from vit_lens.loading.open_clip import convert_open_clip_visual
+
+        cfg, state_dict = convert_open_clip_visual(model, dynamic_img_size=dynamic_img_size)
+        return cls._from_converted(cfg, state_dict)
+
+    @classmethod
+    def from_timm(cls, model: nn.Module, *, dynamic_img_size: bool | None = None) -> "HookedViT":
+        """Convert a timm ViT (ViT, DeiT, DeiT distilled, DINOv2, SigLIP, EVA / EVA02) with the same weights.
+
+        Args:
+            model: A timm ``VisionTransformer``, ``VisionTransformerDistilled`` or ``Eva``.
+            dynamic_img_size: Accept other image sizes. Default: the model's own setting.
+        """
+        from vit_lens.loading.timm import convert_timm
+
+        cfg, state_dict = convert_timm(model, dynamic_img_size=dynamic_img_size)
+        return cls._from_converted(cfg, state_dict)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module) -> "HookedViT":
+        """Convert a Hugging Face transformers vision model with the same weights.
+
+        Supported: ``CLIPVisionModel``, ``CLIPVisionModelWithProjection`` and ``CLIPModel`` (image
+        tower and projection), ``ViTModel`` (built with ``add_pooling_layer=False``),
+        ``ViTForImageClassification`` (your fine-tunes), ``Dinov2Model``,
+        ``Dinov2WithRegistersModel``, ``SiglipVisionModel`` and ``SiglipModel`` (image tower).
+        The output is the source's: ``image_embeds`` with a projection, ``logits`` with a
+        classifier, otherwise ``pooler_output``.
+
+        Example:
+            >>> import transformers, vit_lens
+            >>> config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            ...                                 intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+            >>> source = transformers.ViTForImageClassification(config).eval()
+            >>> model = vit_lens.HookedViT.from_hf(source)
+            >>> model.cfg.n_classes, model.cfg.n_ctx
+            (3, 17)
+        """
+        from vit_lens.loading.hf import convert_hf_vision
+
+        cfg, state_dict = convert_hf_vision(model)
+        return cls._from_converted(cfg, state_dict)
+
+    @classmethod
+    def from_pretrained(cls, name: str, pretrained: str | bool | None = None, **kwargs: Any) -> "HookedViT":
+        """Build the source model by name through its library, then convert it.
+
+        Args:
+            name: ``"open_clip:<arch>"`` (e.g. ``"open_clip:ViT-B-16"``), ``"open_clip:hf-hub:<repo>"``
+                or ``"timm:<name>"`` (e.g. ``"timm:deit_small_patch16_224"``).
+            pretrained: For open_clip, a pretrained tag (``"laion2b_s34b_b88k"``) or a checkpoint
+                path; for timm, True/False or a checkpoint path. None gives random weights.
+            **kwargs: Passed to ``open_clip.create_model`` or ``timm.create_model``.
+        """
+        from vit_lens.loading import load_source_model
+
+        source_kind, source = load_source_model(name, pretrained, **kwargs)
+        return cls.from_open_clip(source) if source_kind == "open_clip" else cls.from_timm(source)
+
+    @classmethod
+    def _from_converted(cls, cfg: ViTConfig, state_dict: dict[str, Tensor]) -> "HookedViT":
+        reference = next(iter(state_dict.values()))
+        model = cls(cfg).to(device=reference.device, dtype=reference.dtype)
+        model.load_state_dict(state_dict, strict=True)
+        return model.eval()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "HookedViT":
+        """Random weights at a scale where attention is far from uniform; for toy models and tests.
+
+        Matrices get ``N(0, 1/fan_in)``, position embeddings ``N(0, 1)``, LayerNorm weights
+        ``1 + N(0, 0.1)``, other vectors ``N(0, 0.1)``.
+        """
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if self.cfg.rotary != "none":
+            angles = 6.283185307179586 * torch.rand(self.cfg.n_patches, self.cfg.d_head // 2, generator=generator)
+            pairs = angles.repeat_interleave(2, dim=-1) if self.cfg.rotary == "interleaved" else angles.repeat(1, 2)
+            self.rotary_sin_cos.copy_(torch.cat([pairs.sin(), pairs.cos()], dim=-1))
+        for name, param in self.named_parameters():
+            noise = torch.randn(param.shape, generator=generator).to(param)
+            if name.endswith(".w"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("W_pos"):
+                param.copy_(noise)
+            elif name.endswith("W_E"):
+                param.copy_(noise * param[0].numel() ** -0.5)
+            elif param.ndim >= 2:
+                fan_in = param.shape[-2] * (param.shape[0] if name.endswith("W_O") else 1)
+                param.copy_(noise * fan_in**-0.5)
+            else:
+                param.copy_(0.1 * noise)
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self, images: Any, *, stop_at_layer: Any = None  # validated below with directed messages
+    ) -> Float[Tensor, "batch *out"]:
+        """Run the tower.
+
+        Args:
+            images: ``[batch, channels, height, width]`` float images, preprocessed as the source
+                model expects.
+            stop_at_layer: If given, return the residual stream ``[batch, pos, d_model]`` entering
+                block ``stop_at_layer`` (negative counts from the end) and skip the rest.
+
+        Returns:
+            The image embedding ``[batch, d_proj]`` (CLIP), the logits ``[batch, n_classes]``
+            (classifier), or the pooled representation ``[batch, d_model]``.
+        """
+        self._check_images(images)
+        stop = self._check_stop_at_layer(stop_at_layer)
+        grid = (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
+        tokens = self.hook_embed(self.embed(images))
+        pos = self.pos_embed(grid).unsqueeze(0)
+        # A hook may edit its tensor in place; an expanded view would alias every batch row.
+        pos = pos.repeat(len(images), 1, 1) if is_hooked(self.hook_pos_embed) else pos.expand(len(images), -1, -1)
+        resid = tokens + self.hook_pos_embed(pos)
+        if self.ln_pre is not None:
+            resid = self.ln_pre(resid)
+        rotary = self.rotary_sin_cos if self.cfg.rotary != "none" else None
+        for block in self.blocks[:stop]:
+            resid = block(resid, rotary)
+        if stop is not None:
+            return resid
+        return self._readout(resid)
+
+    def _pool(self, tokens: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch *pooled d_model"]:
+        if self.cfg.pool_type == "map":
+            return self.attn_pool(tokens[:, 0 if self.cfg.pool_include_prefix else self.cfg.n_prefix_tokens :])
+        return self.pool(tokens)
+
+    def _readout(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch *out"]:
+        if self.cfg.final_norm == "pre_pool":
+            pooled = self._pool(self.ln_final(resid))
+        elif self.cfg.final_norm == "post_pool":
+            pooled = self.ln_final(self._pool(resid))
+        else:
+            pooled = self._pool(resid)
+        pooled = self.hook_pooled(pooled)
+        if self.cfg.d_proj is not None:
+            embed = torch.matmul(pooled, self.W_proj)
+            return self.hook_image_embed(embed + self.b_proj if self.cfg.proj_bias else embed)
+        if self.cfg.n_classes:
+            return self.hook_logits(self.head(pooled))
+        if self.cfg.pool_type == "token_dist":
+            return pooled.mean(dim=1)
+        return pooled
+
+    def _check_images(self, images: Any) -> None:
+        cfg = self.cfg
+        expected = f"[batch, {cfg.in_channels}, height, width]"
+        if not isinstance(images, Tensor):
+            raise TypeError(
+                f"HookedViT takes images as a torch.Tensor {expected}, got {type(images).__name__}. "
+                "Preprocess PIL images (for CLIP: HookedCLIP.preprocess) and torch.stack them."
+            )
+        if images.ndim == 3:
+            raise ValueError(
+                f"HookedViT takes a batch {expected}, got one image of shape {tuple(images.shape)}; "
+                "add a batch axis with images.unsqueeze(0)."
+            )
+        if images.ndim != 4:
+            raise ValueError(f"HookedViT takes images {expected}, got a {images.ndim}-d tensor {tuple(images.shape)}.")
+        if images.shape[1] != cfg.in_channels:
+            hint = " Channels-last? Use images.permute(0, 3, 1, 2)." if images.shape[-1] == cfg.in_channels else ""
+            raise ValueError(
+                f"HookedViT expects {cfg.in_channels} channels at axis 1, got shape {tuple(images.shape)}.{hint}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"HookedViT takes float images, got {images.dtype}. Scale to [0, 1] and normalise as the source "
+                "model expects (for CLIP: HookedCLIP.preprocess) before calling the model."
+            )
+        weight = self.embed.W_E
+        if images.dtype != weight.dtype or images.device != weight.device:
+            raise TypeError(
+                f"Images are {images.dtype} on {images.device} but the model is {weight.dtype} on {weight.device}; "
+                "use images.to(model.embed.W_E) or move the model."
+            )
+        size = tuple(images.shape[-2:])
+        if size != cfg.image_size:
+            if not cfg.dynamic_img_size:
+                raise ValueError(
+                    f"{cfg.model_name} takes {cfg.image_size[0]}x{cfg.image_size[1]} images, got "
+                    f"{size[0]}x{size[1]}. Resize the images, or convert with dynamic_img_size=True to "
+                    "resample the position embeddings for other sizes."
+                )
+            if size[0] % cfg.patch_size[0] or size[1] % cfg.patch_size[1]:
+                raise ValueError(
+                    f"Image size {size[0]}x{size[1]} is not a multiple of the patch size "
+                    f"{cfg.patch_size[0]}x{cfg.patch_size[1]}; resize or crop it to a multiple."
+                )
+
+    def _check_stop_at_layer(self, stop_at_layer: int | None) -> int | None:
+        if stop_at_layer is None:
+            return None
+        n = self.cfg.n_layers
+        if not isinstance(stop_at_layer, int) or not -n <= stop_at_layer <= n:
+            raise ValueError(f"stop_at_layer must be an int in [-{n}, {n}], got {stop_at_layer!r}")
+        return stop_at_layer % n if stop_at_layer < 0 else stop_at_layer
+
+    # ------------------------------------------------------------------ hooks and cache
+
+    def add_hook(
+        self,
+        name: str | Callable[[str], bool],
+        hook: Any,  # checked below, with a message that says what a hook must look like
+        dir: Literal["fwd", "bwd"] = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """Attach ``hook`` to the hook point ``name`` (or to every point a filter function accepts).
+
+        Unlike the base class, an unknown name raises with the closest real names, a function
+        that cannot be called as ``fn(activation, hook=hook_point)`` is refused here rather than
+        mid-forward, and a returned tensor of the wrong shape raises instead of being lost.
+        """
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        if isinstance(name, str):
+            names = [self._resolve_hook_name(name)]
+        elif callable(name):
+            names = [n for n in self.hook_dict if name(n)]
+        else:
+            raise TypeError(f"A hook's name must be a hook point name or a filter function, got {type(name).__name__}")
+        for hook_name in names:
+            check_hook_signature(hook, hook_name)
+            self.check_and_add_hook(
+                self.hook_dict[hook_name],
+                hook_name,
+                CheckedHook(hook, hook_name),
+                dir=dir,
+                is_permanent=is_permanent,
+                level=level,
+                prepend=prepend,
+            )
+
+    def _resolve_hook_name(self, name: str) -> str:
+        if name in self.hook_dict:
+            return name
+        raise unknown_hook_error(name, list(self.hook_dict), self.cfg.n_layers)
+
+    @contextmanager
+    def hooks(
+        self,
+        fwd_hooks: HookList | None = None,
+        bwd_hooks: HookList | None = None,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ):
+        """Context manager that adds temporary hooks and removes them on exit (nested contexts work).
+
+        Example:
+            >>> with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5)]):
+            ...     out = model(images)  # doctest: +SKIP
+        """
+        self.context_level += 1
+        try:
+            for name, hook in fwd_hooks or ():
+                self.add_hook(name, hook, dir="fwd", level=self.context_level)
+            for name, hook in bwd_hooks or ():
+                self.add_hook(name, hook, dir="bwd", level=self.context_level)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self.reset_hooks(clear_contexts, including_permanent=False, level=self.context_level)
+            self.context_level -= 1
+
+    def run_with_hooks(
+        self,
+        *model_args: Any,
+        fwd_hooks: HookList | None = None,
+        bwd_hooks: HookList | None = None,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **model_kwargs: Any,
+    ) -> Tensor:
+        """Run the model with temporary hooks: ``fwd_hooks=[(name, fn), ...]`` with ``fn(activation, hook)``.
+
+        Example:
+            >>> def zero_head_3(z, hook):
+            ...     z[:, :, 3] = 0.0
+            ...     return z
+            >>> out = model.run_with_hooks(images, fwd_hooks=[("blocks.5.attn.hook_z", zero_head_3)])  # doctest: +SKIP
+        """
+        if bwd_hooks and reset_hooks_end:
+            raise ValueError(
+                "Backward hooks would be removed before any backward pass; pass reset_hooks_end=False and call "
+                "model.reset_hooks() after backward(), or use run_with_cache(..., incl_bwd=True, metric=...)."
+            )
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self(*model_args, **model_kwargs)
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
+        fwd_hooks: HookList | None = None,
+        bwd_hooks: HookList | None = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        metric: Callable[[Tensor], Tensor] | None = None,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Any = None,
+        **model_kwargs: Any,
+    ) -> tuple[Tensor, VisionActivationCache]:
+        """Run the model and cache activations, optionally while intervening with ``fwd_hooks``.
+
+        Args:
+            names_filter: Hook names (a string or a list) or a filter function. None caches every
+                hook point except ``attn.hook_result`` (unless ``cfg.use_attn_result``): per-head
+                results are derived from ``hook_z`` on demand by the cache. Models with a
+                LayerNorm on z (``cfg.attn_norm``, EVA-CLIP) cache ``hook_result`` too, since
+                it cannot be derived from ``hook_z`` alone.
+            fwd_hooks, bwd_hooks: Interventions active during the run; the cache records the
+                activations as edited.
+            incl_bwd: Also cache gradients (``<name>_grad``) of ``metric(output)`` (or of the
+                output itself if it is a scalar).
+            device, remove_batch_dim, pos_slice, reset_hooks_end, clear_contexts: As in
+                TransformerLens.
+
+        Returns:
+            ``(output, cache)`` where ``cache`` is a :class:`VisionActivationCache`.
+
+        Example:
+            >>> embed, cache = model.run_with_cache(images)  # doctest: +SKIP
+            >>> cache["pattern", 3].shape  # [batch, head, query, key]  # doctest: +SKIP
+        """
+        names_filter = self._normalise_names_filter(names_filter)
+        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor) and len(model_args[0]) != 1:
+            raise ValueError(f"remove_batch_dim=True needs a batch of one image, got {len(model_args[0])}")
+        cache_dict, cache_fwd, cache_bwd = self.get_caching_hooks(
+            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
+        )
+        # User hooks go first so that the cache records what actually flowed on.
+        all_fwd = list(fwd_hooks or ()) + cache_fwd
+        all_bwd = list(bwd_hooks or ()) + cache_bwd
+        with self.hooks(all_fwd, all_bwd, reset_hooks_end, clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                target = metric(out) if metric is not None else out
+                if target.numel() != 1:
+                    raise ValueError(
+                        f"incl_bwd=True differentiates a scalar, but the output has shape {tuple(target.shape)}; "
+                        "pass metric=, e.g. metric=lambda out: out[:, 0].sum()."
+                    )
+                target.backward()
+        images = model_args[0] if model_args else model_kwargs.get("images")
+        grid = (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
+        return out, VisionActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim, grid_size=grid)
+
+    def _normalise_names_filter(self, names_filter: Any) -> Callable[[str], bool]:
+        if names_filter is None:
+            # With a LayerNorm on z, per-head results cannot be derived from hook_z alone: cache them.
+            if self.cfg.use_attn_result or self.cfg.attn_norm:
+                return lambda name: True
+            return lambda name: not name.endswith("attn.hook_result")
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if isinstance(names_filter, (list, tuple, set)):
+            wanted = {self._resolve_hook_name(name) for name in names_filter}
+            return lambda name: name in wanted
+        if callable(names_filter):
+            return names_filter
+        raise TypeError(
+            f"names_filter must be a hook name, a list of hook names or a function of the name, "
+            f"got {type(names_filter).__name__}"
+        )
+
+    # ------------------------------------------------------------------ weights, TransformerLens style
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """Sum of the output biases written to the residual stream before block ``layer``.
+
+        Includes ``b_O`` of every attention layer (and ``b_out`` of every MLP if
+        ``include_mlp_biases``) below ``layer``; with ``mlp_input``, also ``b_O`` of ``layer``.
+        """
+        bias = torch.zeros_like(self.blocks[0].attn.b_O)
+        for index in range(layer):
+            bias = bias + self.blocks[index].attn.b_O
+            if include_mlp_biases:
+                bias = bias + self.blocks[index].mlp.b_out
+        if mlp_input:
+            bias = bias + self.blocks[layer].attn.b_O
+        return bias
+
+    def _stack(self, getter: Callable[[TransformerBlock], Tensor]) -> Tensor:
+        return torch.stack([getter(block) for block in self.blocks])
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_model channel patch_h patch_w"]:
+        return self.embed.W_E
+
+    @property
+    def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
+        return self.pos_embed.W_pos
+
+    @property
+    def W_Q(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_Q)
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_K)
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_V)
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
+        return self._stack(lambda b: b.attn.W_O)
+
+    @property
+    def b_O(self) -> Float[Tensor, "n_layers d_model"]:
+        return self._stack(lambda b: b.attn.b_O)
+
+    @property
+    def W_in(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
+        return self._stack(lambda b: b.mlp.W_in)
+
+    @property
+    def W_out(self) -> Float[Tensor, "n_layers d_mlp d_model"]:
+        return self._stack(lambda b: b.mlp.W_out)
+
+    @property
+    def b_out(self) -> Float[Tensor, "n_layers d_model"]:
+        return self._stack(lambda b: b.mlp.b_out)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q W_K^T`` for every layer and head: ``[n_layers, n_heads, d_model, d_model]``."""
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-1, -2))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V W_O`` for every layer and head: ``[n_layers, n_heads, d_model, d_model]``."""
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def all_head_labels(self) -> list[str]:
+        """``["L0H0", "L0H1", ...]`` in the order ``stack_head_results`` uses."""
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]

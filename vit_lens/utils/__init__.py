@@ -1,0 +1,5 @@
+"""Helpers every floor of vit_lens may use: progress bars and plotly figures (no model code here)."""
+
+from vit_lens._lazy import lazy_package
+
+__getattr__, __dir__, __all__ = lazy_package(__name__, {}, ("plotting", "progress"))
