@@ -45,6 +45,7 @@ from torch import Tensor
 
 from vit_lens.model.cache import VisionActivationCache
 from vit_lens.model.hooked_vit import HookedViT
+from vit_lens.utils.progress import progress as progress_bar
 
 # short name -> (hook point under blocks.{layer}., per-image layout). Layouts: "token" [pos, d],
 # "token_head" [pos, head, d], "head_query" [head, query, key].
@@ -337,7 +338,7 @@ def activation_patching(
     n_variants = 2 + sweep.n_variants
     starts = range(0, n_variants, variants_per_forward)
     metric_values: list[float] = []
-    for start in _progress_bar(starts, progress, f"patching {activation} by {by}"):
+    for start in progress_bar(starts, desc=f"patching {activation} by {by}", enabled=progress):
         chunk = [variant(i) for i in range(start, min(start + variants_per_forward, n_variants))]
         metric_values += _run_variants(tower, corrupted_images, clean_acts, chunk, metric)
     baseline_clean, baseline_corrupted, *patched = metric_values
@@ -789,14 +790,6 @@ def _parameters_frozen(model: HookedViT) -> Iterator[None]:
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
-
-
-def _progress_bar(iterable: Any, enabled: bool, description: str) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=description)
 
 
 def _import_plotly() -> tuple[Any, Callable]:

@@ -7,13 +7,11 @@ not cancel digits the way a sum of squares would. The result, a :class:`HookStat
 :func:`vit_lens.intervene.interventions.mean_ablate` and the layer-averaging hooks take.
 """
 
-import contextlib
 import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vit_lens.model.hook_layout import hook_axes
+from vit_lens.utils.progress import progress as progress_bar
 
 _FORMAT = "vit_lens.HookStatistics/1"
 
@@ -230,7 +229,8 @@ def compute_hook_statistics(
         total = min(total, max_batches) if total is not None else max_batches
         data = itertools.islice(data, max_batches)  # so that no batch past the last is loaded
     n_batches = 0
-    with torch.no_grad(), tower.hooks(fwd_hooks=fwd_hooks), _progress(total, progress) as bar:
+    bar = progress_bar(total=total, desc="hook statistics", unit="batch", enabled=progress)
+    with torch.no_grad(), tower.hooks(fwd_hooks=fwd_hooks), bar:
         for batch in data:
             images = _images_of(batch).to(reference.device)
             # Only float images take the model's dtype: integer pixels must still meet HookedViT's check.
@@ -267,10 +267,3 @@ def _images_of(batch: Any) -> Tensor:
     )
 
 
-def _progress(total: int | None, show: bool) -> Any:
-    """A tqdm bar to ``update()`` once per batch, or a stand-in that shows nothing."""
-    if not show:
-        return contextlib.nullcontext(SimpleNamespace(update=lambda: None))
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="hook statistics", unit="batch")

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from vit_lens.intervene.decompose import Contributions, direct_contributions, required_hooks
 from vit_lens.methods.textspan.retrieval import ComponentSource, Retrieval, nearest_by_components
+from vit_lens.utils.progress import progress as progress_bar
 
 _FORMAT = "vit_lens.ComponentAligner/1"
 _CONSTANT_LABELS = ("bias",)  # terms that do not vary across images (center_each mode's bias term)
@@ -411,7 +412,7 @@ def train_aligner(
     per_epoch = math.ceil(n_train / batch_size)
     eval_every = eval_every or min(50, per_epoch)
     optimizer = torch.optim.Adam(aligner.parameters(), lr=lr, weight_decay=weight_decay)
-    bar = _progress(epochs * per_epoch, progress, "CompAlign")
+    bar = progress_bar(total=epochs * per_epoch, desc="CompAlign", unit="batch", enabled=progress)
 
     history: list[dict[str, float | int]] = []
     best, best_step, since_best, step = math.inf, 0, 0, 0
@@ -504,7 +505,7 @@ def alignment_data(
         raise TypeError(f"clip must have an encode_image method (a vit_lens.HookedCLIP), got {type(clip).__name__}")
     names = required_hooks(model, level, layers)
     parts, embeds = [], []
-    for batch in _progress_iter(batches, progress, "decompose + CLIP"):
+    for batch in progress_bar(batches, desc="decompose + CLIP", unit="batch", enabled=progress):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(images, Tensor):
             raise TypeError(f"batches must yield image tensors or (images, ...) tuples, got {type(images).__name__}")
@@ -829,7 +830,7 @@ def interpret_components(
     else:
         mask = source.mask(components)
     results = {}
-    for i in _progress_iter(mask.nonzero().flatten().tolist(), progress, "TextSpan (aligned)"):
+    for i in progress_bar(mask.nonzero().flatten().tolist(), desc="TextSpan (aligned)", enabled=progress):
         column = source.values[:, i] if source.values is not None else source.store.component(names[i])
         aligned = aligner.align_component(column, i) if aligner is not None else column
         results[names[i]] = textspan(aligned, text_embeddings, n_texts, rank, method, texts=texts, reconstruct=False)
@@ -1071,28 +1072,3 @@ def _label_mismatch(given: Sequence[str], expected: Sequence[str]) -> str:
     )
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool, description: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="batch")
-
-
-def _progress_iter(items: Any, enabled: bool, description: str) -> Any:
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=description)

@@ -25,6 +25,7 @@ Example:
 """
 
 import math
+from vit_lens.utils.progress import progress as progress_bar
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -456,17 +457,14 @@ def accuracy_curves(
         ...                          loader, low_pass_conditions([1.4, 0.5, 0.25, 0.1]))  # doctest: +SKIP
         >>> curves.figure(xaxis_title="cut-off (fraction of Nyquist)")  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
     if not models or not conditions:
         raise ValueError("accuracy_curves needs at least one model and one condition")
     runners = {name: (model if _is_plain_function(model) else as_classifier(model)) for name, model in models.items()}
     hits1 = {m: {c: 0 for c in conditions} for m in runners}
     hitsk = {m: {c: 0 for c in conditions} for m in runners}
     n = 0
-    total = len(data) if hasattr(data, "__len__") else None
     with torch.no_grad():
-        for index, batch in enumerate(tqdm(data, total=total, desc="accuracy curves", disable=not progress, leave=False)):
+        for index, batch in enumerate(progress_bar(data, desc="accuracy curves", unit="batch", enabled=progress, leave=False)):
             if max_batches is not None and index >= max_batches:
                 break
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:

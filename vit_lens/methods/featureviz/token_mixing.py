@@ -33,6 +33,7 @@ Example:
 """
 
 from collections.abc import Callable, Iterable
+from vit_lens.utils.progress import progress as progress_bar
 from dataclasses import dataclass
 from typing import Any
 
@@ -377,11 +378,8 @@ def _token_readout(tower: Any, resid: Tensor, classifier: Any) -> Tensor:
 
 
 def _labelled_batches(data: Iterable, tower: Any, max_batches: int | None, progress: bool, desc: str):
-    from tqdm.auto import tqdm
-
     reference = tower.W_E
-    total = len(data) if hasattr(data, "__len__") else None
-    for index, batch in enumerate(tqdm(data, total=total, desc=desc, disable=not progress, leave=False)):
+    for index, batch in enumerate(progress_bar(data, desc=desc, unit="batch", enabled=progress, leave=False)):
         if max_batches is not None and index >= max_batches:
             break
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:

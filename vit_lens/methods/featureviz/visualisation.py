@@ -48,6 +48,7 @@ Example:
 """
 
 from collections.abc import Callable, Iterable, Sequence
+from vit_lens.utils.progress import progress as progress_bar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -716,7 +717,7 @@ def visualize(
     losses, values = [], []
     was_training = tower.training
     tower.eval()
-    bar = _progress_bar(n_steps, progress, objective.name)
+    bar = progress_bar(total=n_steps, desc=f"featureviz {objective.name}", unit="step", enabled=progress, leave=False)
     try:
         with torch.enable_grad():
             for step in range(n_steps):
@@ -770,12 +771,6 @@ def _parameterization(kind: Any, size: tuple[int, int], init: Any, generator: to
     raise ValueError(
         f"visualize: parameterization must be 'pixel', 'fourier' or a module (PixelImage, FourierImage(...)), got {kind!r}"
     )
-
-
-def _progress_bar(total: int, show: bool, name: str) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=f"featureviz {name}", disable=not show, leave=False)
 
 
 # ---------------------------------------------------------------------------------------- dataset examples
@@ -847,14 +842,11 @@ def dataset_examples(
     tower = _tower(model)
     cfg = tower.cfg
     prepare = _input_transform(model, mean, std, preprocess)
-    from tqdm.auto import tqdm
-
-    total = len(data) if hasattr(data, "__len__") else None
     top_scores = top_images = top_maps = top_indices = None
     all_scores: list[Tensor] = []
     seen = 0
     with torch.no_grad():
-        for batch_index, batch in enumerate(tqdm(data, total=total, desc="dataset examples", disable=not progress, leave=False)):
+        for batch_index, batch in enumerate(progress_bar(data, desc="dataset examples", unit="batch", enabled=progress, leave=False)):
             if max_batches is not None and batch_index >= max_batches:
                 break
             images = _as_images(batch, tower)

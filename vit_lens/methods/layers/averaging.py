@@ -49,6 +49,7 @@ from torch import Tensor
 
 from vit_lens.intervene.interventions import average_attention_input, average_layer_output, average_residual_connection
 from vit_lens.intervene.statistics import HookStatistics, compute_hook_statistics
+from vit_lens.utils.progress import progress as progress_bar
 
 VARIANTS = ("output", "attention_input", "residual")
 METRICS = ("cosine", "accuracy")
@@ -233,7 +234,7 @@ def layer_averaging(
     per_image: dict[tuple[str, tuple[int, ...]], list[Tensor]] = {key: [] for key in hooks}
     baseline: list[Tensor] = []
     with torch.no_grad():
-        for images, batch_labels in _progress(_batches(data, labels, batch_size), progress):
+        for images, batch_labels in progress_bar(_batches(data, labels, batch_size), desc="batches", unit="batch", enabled=progress):
             images = _to_model(tower, images)
             clean = _run(tower, images, [], readout)
             baseline.append(score(clean, clean, batch_labels, len(images)))
@@ -355,7 +356,7 @@ def upper_layer_contribution(
     per_layer: list[list[Tensor]] = [[] for _ in chosen]
     finals: list[Tensor] = []
     with torch.no_grad():
-        for images, batch_labels in _progress(_batches(data, labels, batch_size), progress):
+        for images, batch_labels in progress_bar(_batches(data, labels, batch_size), desc="batches", unit="batch", enabled=progress):
             images = _to_model(tower, images)
             early, final = _readouts(tower, images, chosen)
             finals.append(score(final, final, batch_labels, len(images)))
@@ -619,9 +620,3 @@ def _to_model(tower: Any, images: Tensor) -> Tensor:
     return images.to(reference.dtype) if images.is_floating_point() else images
 
 
-def _progress(iterable: Iterable, show: bool) -> Iterable:
-    if not show:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc="batches", unit="batch")

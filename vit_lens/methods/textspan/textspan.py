@@ -50,6 +50,7 @@ here too.
 """
 
 import re
+from vit_lens.utils.progress import progress as progress_bar
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -381,7 +382,7 @@ def textspan_all_heads(
     pool = _as_matrix(text_embeddings, "text_embeddings")
     target = pool.device if device is None else torch.device(device)
     results = {}
-    for layer, head in _progress(heads, progress, "TextSpan heads"):
+    for layer, head in progress_bar(heads, desc="TextSpan heads", enabled=progress):
         outputs = source.head(layer, head)
         if not source.on_device:
             outputs = outputs.to(target)
@@ -564,7 +565,7 @@ def textspan_accuracy_curve(
     correct = {k: 0 for k in order}
     correct_base = correct_intact = 0
     batch_size = batch_size or max(1, _CHUNK_ELEMENTS // (n_components * d))
-    for start, chunk in _progress(source.chunks(batch_size), progress, "TextSpan accuracy"):
+    for start, chunk in progress_bar(source.chunks(batch_size), desc="TextSpan accuracy", enabled=progress):
         chunk = chunk.to(device)  # only the reduced pieces below are widened to float64
         batch_targets = targets[start : start + chunk.shape[0]]
         correct_base += int(((chunk.sum(1, dtype=compute) @ weights).argmax(-1) == batch_targets).sum())
@@ -727,14 +728,6 @@ def _check_pick(norm: float, reference: float, n_picked: int) -> None:
             f"after deflation, i.e. the pool spans only {n_picked} dimensions of the projected space; ask for "
             f"n_texts <= {n_picked} or use a larger pool"
         )
-
-
-def _progress(items, enabled: bool, description: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=description)
 
 
 class _Source:
