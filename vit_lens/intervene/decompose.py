@@ -43,6 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from vit_lens.intervene._validate import check_indices
 from vit_lens.model.cache import VisionActivationCache
 
 LEVELS = ("layer", "head", "head_token", "neuron")
@@ -140,7 +141,7 @@ def direct_contributions(
     model,
     cache: VisionActivationCache,
     level: str = "layer",
-    layers: list[int] | None = None,
+    layers: list[int] | int | None = None,
     ln_mode: str = "center_each",
     directions: Float[Tensor, "d_repr n_directions"] | None = None,
     normalize: bool = False,
@@ -152,8 +153,9 @@ def direct_contributions(
         cache: From ``model.run_with_cache(images)`` (the default names are enough).
         level: ``"layer"`` (embedding, each attention layer, each MLP), ``"head"``, ``"head_token"``
             (per head and source token, at the pooled query) or ``"neuron"``.
-        layers: Layers expanded at ``level``; the others stay whole (``L{l}ATTN``, ``L{l}MLP``),
-            so the terms still sum to the representation. Default: all.
+        layers: Layers expanded at ``level`` (a list, or one int; negative ones count from the
+            end); the others stay whole (``L{l}ATTN``, ``L{l}MLP``), so the terms still sum to the
+            representation. Default: all.
         ln_mode: ``"center_each"`` or ``"paper"`` (see the module docstring).
         directions: ``[d_repr, k]``; project every term onto these columns (text embeddings, class
             vectors) before expanding heads over tokens or MLPs over neurons.
@@ -185,7 +187,7 @@ def direct_contributions(
             f"{cfg.model_name} pools with an attention pool (MAP head); its decomposition is implemented for "
             "ln_mode='center_each' with the final LayerNorm before the pool. Use ln_mode='center_each'."
         )
-    expanded = list(range(cfg.n_layers)) if layers is None else _check_layers(layers, cfg.n_layers)
+    expanded = check_indices(layers, cfg.n_layers, "layers", "direct_contributions")
     if level == "head_token" and cfg.attn_norm:
         raise NotImplementedError(
             f"{cfg.model_name} normalises the concatenated heads before W_O (attn.ln_z, EVA-CLIP's scale_attn_inner), "
@@ -235,7 +237,7 @@ def direct_contributions(
     return contributions
 
 
-def required_hooks(model, level: str = "layer", layers: list[int] | None = None) -> list[str]:
+def required_hooks(model, level: str = "layer", layers: list[int] | int | None = None) -> list[str]:
     """The cache entries :func:`direct_contributions` reads, for a minimal ``names_filter``.
 
     Example:
@@ -243,7 +245,7 @@ def required_hooks(model, level: str = "layer", layers: list[int] | None = None)
         >>> direct_contributions(model, cache, level="head").sum().shape  # [batch, d_embed]  # doctest: +SKIP
     """
     cfg = model.cfg
-    layers = list(range(cfg.n_layers)) if layers is None else layers
+    layers = check_indices(layers, cfg.n_layers, "layers", "required_hooks")
     names = ["blocks.0.hook_resid_pre", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
     if cfg.final_norm != "none":
         names.append("ln_final.hook_scale")
@@ -311,14 +313,6 @@ def direct_effect_mean_ablation(
 
 
 # ---------------------------------------------------------------------------------------------- internals
-
-
-def _check_layers(layers: list[int], n_layers: int) -> list[int]:
-    out = [l % n_layers if -n_layers <= l < 0 else l for l in layers]
-    bad = [l for l in out if not 0 <= l < n_layers]
-    if bad:
-        raise ValueError(f"layers {bad} out of range for a model with {n_layers} layers")
-    return sorted(set(out))
 
 
 def _pooling_weights(model, n_pos: int, device, dtype) -> Tensor:

@@ -29,6 +29,7 @@ The "Peeling Back the Layers" averaging experiments are one call each:
 """
 
 import operator
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -42,7 +43,8 @@ from vit_lens.model.config import ViTConfig
 from vit_lens.intervene.statistics import HookStatistics
 
 HookFn = Callable[..., Tensor | None]
-HookPairs = list[tuple[str, HookFn]]
+# (hook name or name filter, hook function): what fwd_hooks takes
+HookPairs = list[tuple[str | Callable[[str], bool], HookFn]]
 # gather(source): the selected slice [batch, *selected] of a tensor broadcastable to the activation
 Gather = Callable[[Tensor], Tensor]
 
@@ -105,6 +107,13 @@ def patch_region(
         >>> hook = zero_ablate(positions=top_left)  # doctest: +SKIP
     """
     cfg = _config(cfg_or_model)
+    if grid_size is not None and not (
+        isinstance(grid_size, (tuple, list)) and len(grid_size) == 2 and all(_is_index(n) and n > 0 for n in grid_size)
+    ):
+        raise ValueError(
+            f"patch_region's grid_size= takes (rows, cols) of the patch grid, two positive ints such as "
+            f"{tuple(cfg.grid_size)}, got {grid_size!r}"
+        )
     n_rows, n_cols = grid_size or cfg.grid_size
     chosen = []
     for arg, value, size in (("rows", rows, n_rows), ("cols", cols, n_cols)):
@@ -323,26 +332,92 @@ def patch_from_cache(
     return patch_from_cache_hook
 
 
-def mask_heads(mask: Any) -> HookPairs:
+def mask_heads(mask: Any, model: Any = None) -> HookPairs:
     """Multiply each head's output (``hook_z``) by a per-layer, per-head factor: the "Peeling Back the Layers" paper's masking matrices.
 
     Args:
         mask: ``[n_layers, n_heads]`` multipliers (ones leave the model unchanged, zeros remove a
             head, as ``zero_ablate(heads=...)`` on ``hook_z`` does); bool or int masks are fine.
+        model: The ``HookedViT`` (or ``HookedCLIP``) the hooks are for. Given, the mask's shape is
+            checked now; without it, when the hooks run.
 
     Returns:
-        ``[(f"blocks.{layer}.attn.hook_z", fn), ...]`` for every layer, for ``fwd_hooks``.
+        ``[(f"blocks.{layer}.attn.hook_z", fn), ...]`` for every row of the mask, for ``fwd_hooks``;
+        without ``model``, followed by one ``(filter, check)`` pair on every layer's ``hook_z`` that
+        raises if the model has more layers than the mask has rows (a mask with more rows than the
+        model has layers, or with another number of heads, raises either way).
 
     Example:
         >>> mask = torch.ones(model.cfg.n_layers, model.cfg.n_heads)  # doctest: +SKIP
         >>> mask[5, [0, 3]] = 0.0  # doctest: +SKIP
-        >>> out = model.run_with_hooks(images, fwd_hooks=mask_heads(mask))  # doctest: +SKIP
+        >>> out = model.run_with_hooks(images, fwd_hooks=mask_heads(mask, model))  # doctest: +SKIP
     """
     if not isinstance(mask, Tensor) or mask.ndim != 2:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"mask_heads takes a [n_layers, n_heads] tensor of multipliers, got {shape}")
+    shape = tuple(mask.shape)
+    if model is not None:
+        cfg = _config(model)
+        if shape != (cfg.n_layers, cfg.n_heads):
+            raise ValueError(
+                f"mask_heads got a mask of shape {shape}, but {cfg.model_name or 'the model'} has {cfg.n_layers} layers "
+                f"of {cfg.n_heads} heads; give a [n_layers, n_heads] = [{cfg.n_layers}, {cfg.n_heads}] mask"
+            )
     factors = mask.to(torch.float32) if not mask.is_floating_point() else mask
-    return [(f"blocks.{layer}.attn.hook_z", scale(row[:, None])) for layer, row in enumerate(factors)]
+    pairs: HookPairs = [(f"blocks.{layer}.attn.hook_z", _head_mask_hook(row, shape)) for layer, row in enumerate(factors)]
+    if model is None:
+        guard = _MaskRowsGuard(shape)
+        pairs.append((guard.attaches_to, guard))
+    return pairs
+
+
+def _head_mask_hook(factors: Tensor, shape: tuple[int, int]) -> HookFn:
+    def mask_heads_hook(activation, hook):
+        n_heads = activation.shape[2]
+        if n_heads != shape[1]:
+            raise ValueError(
+                f"mask_heads got a mask of shape {shape}, one column per head, but {hook.name!r} has {n_heads} heads; "
+                f"give a [n_layers, n_heads] mask with n_heads = {n_heads}"
+            )
+        return activation * factors.to(activation)[:, None]
+
+    return mask_heads_hook
+
+
+class _MaskRowsGuard:
+    """Raises when a layer of the model has no row in the mask (a shorter mask would leave it unmasked).
+
+    Without the model the hooks cannot know how many layers it has; this pair's filter is shown
+    every hook name when the hooks are added, so it learns them, and its hook raises on the first
+    layer past the mask's rows.
+    """
+
+    _HOOK_Z = re.compile(r"blocks\.(\d+)\.attn\.hook_z")
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape
+        self.layers: set[int] = set()
+
+    def attaches_to(self, name: str) -> bool:
+        match = self._HOOK_Z.fullmatch(name)
+        if match is None:
+            return False
+        layer = int(match.group(1))
+        if layer in self.layers:  # each add_hook call shows every name once: a repeat is a new call
+            self.layers = set()
+        self.layers.add(layer)
+        return True
+
+    def __call__(self, activation: Tensor, hook: Any) -> None:
+        layer = int(self._HOOK_Z.fullmatch(hook.name).group(1))
+        if layer >= self.shape[0]:
+            n_layers = max(self.layers | {layer}) + 1
+            n_heads = activation.shape[2]
+            raise ValueError(
+                f"mask_heads got a mask of shape {self.shape} (one row per layer), but the model has {n_layers} layers "
+                f"of {n_heads} heads: {hook.name!r} has no row and would be left unmasked; give a [n_layers, n_heads] = "
+                f"[{n_layers}, {n_heads}] mask (pass the model, mask_heads(mask, model), to check it when the hooks are made)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- "Peeling Back the Layers"

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from vit_lens.intervene._validate import check_indices
 from vit_lens.intervene.decompose import direct_contributions, required_hooks
-from vit_lens.intervene.interventions import mask_heads
+from vit_lens.intervene.interventions import HookPairs, mask_heads
 
 Scorer = Callable[[Tensor, Tensor], Tensor]
 
@@ -44,7 +45,8 @@ class HeadPruning:
             layer (times ``n_heads`` unless ``paper_scale``), 0 for pruned heads, 1 for layers
             left alone.
         pruned: ``[n_layers, n_heads]`` bool, the heads set to 0.
-        layers: The layers that were scored and adjusted.
+        layers: The layers that were scored and adjusted, as indices in ``[0, n_layers)`` (a
+            negative layer given to :func:`prune_heads` is reported here counted from the start).
     """
 
     scores: Float[Tensor, "layer head"]
@@ -52,7 +54,7 @@ class HeadPruning:
     pruned: Tensor
     layers: list[int]
 
-    def hooks(self) -> list[tuple[str, Callable]]:
+    def hooks(self) -> HookPairs:
         """``fwd_hooks`` that apply the coefficients (each head's ``hook_z`` is scaled).
 
         Example:
@@ -65,7 +67,7 @@ class HeadPruning:
 def head_scores(
     model,
     batches: Iterable[Any] | Tensor,
-    layers: list[int] | None = None,
+    layers: list[int] | int | None = None,
     scorer: Scorer = cosine_scorer,
     ln_mode: str = "center_each",
 ) -> Float[Tensor, "layer head"]:
@@ -74,7 +76,8 @@ def head_scores(
     Args:
         model: A HookedViT (or HookedCLIP: its ``.vision`` is used).
         batches: An image batch ``[batch, 3, H, W]`` or an iterable of batches / ``(images, ...)`` tuples.
-        layers: Layers to score (default: all).
+        layers: Layers to score: a list or one int, negative ones counting from the end (default:
+            all). Out-of-range layers raise a ValueError.
         scorer: ``scorer(head_terms [batch, head, d], layer_term [batch, d]) -> [batch, head]``.
         ln_mode: Passed to :func:`vit_lens.intervene.decompose.direct_contributions`.
 
@@ -84,7 +87,7 @@ def head_scores(
     """
     model = getattr(model, "vision", model)
     cfg = model.cfg
-    layers = list(range(cfg.n_layers)) if layers is None else [l % cfg.n_layers for l in layers]
+    layers = check_indices(layers, cfg.n_layers, "layers", "head_scores", allow_empty=False)
     totals = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
     count = 0
     names = required_hooks(model, "head", layers)
@@ -111,7 +114,7 @@ def head_scores(
 def prune_heads(
     model,
     batches: Iterable[Any] | Tensor,
-    layers: list[int] | None = None,
+    layers: list[int] | int | None = None,
     n_prune: int = 1,
     scorer: Scorer = cosine_scorer,
     temperature: float | int = 1.0,
@@ -122,7 +125,8 @@ def prune_heads(
     Args:
         model: A HookedViT (or HookedCLIP).
         batches: The sample (the paper uses 100 images).
-        layers: Layers to adjust (default: all); other layers keep coefficient 1.
+        layers: Layers to adjust: a list or one int, negative ones counting from the end (default:
+            all); other layers keep coefficient 1. Out-of-range layers raise a ValueError.
         n_prune: Heads set to 0 in each adjusted layer (the lowest scores).
         scorer: See :func:`head_scores`.
         temperature: Softmax temperature over a layer's average scores.
@@ -140,11 +144,11 @@ def prune_heads(
     """
     model = getattr(model, "vision", model)
     cfg = model.cfg
-    if not 0 <= n_prune < cfg.n_heads:
-        raise ValueError(f"n_prune must be in [0, {cfg.n_heads - 1}] for {cfg.n_heads} heads, got {n_prune}")
+    if isinstance(n_prune, bool) or not isinstance(n_prune, int) or not 0 <= n_prune < cfg.n_heads:
+        raise ValueError(f"n_prune must be in [0, {cfg.n_heads - 1}] for {cfg.n_heads} heads, got {n_prune!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    layers = list(range(cfg.n_layers)) if layers is None else sorted({l % cfg.n_layers for l in layers})
+    layers = check_indices(layers, cfg.n_layers, "layers", "prune_heads", allow_empty=False)
     scores = head_scores(model, batches, layers, scorer)
     coefficients = torch.ones(cfg.n_layers, cfg.n_heads)
     pruned = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)

@@ -180,8 +180,10 @@ def neuron(layer: int, index: int, *, hook: str = "mlp.hook_post", tokens: Any =
     """One MLP neuron after the nonlinearity, averaged over the patch tokens: the paper's objective.
 
     Args:
-        layer: Block index.
-        index: Neuron index in ``[0, d_mlp)``.
+        layer: Block index, from 0 (the objective exists before it meets a model, so it cannot count
+            from the end: use ``model.cfg.n_layers - 1`` for the last block).
+        index: Neuron index in ``[0, d_mlp)`` (negative ones count from the end); checked against the
+            model's ``d_mlp`` when the objective is evaluated.
         hook: The hook inside the block (``"mlp.hook_pre"`` for before the nonlinearity).
         tokens, reduce: As in :func:`channel`. The paper's code averages over the patch tokens
             (CLS excluded); Eq. 1 sums them (``reduce="sum"``).
@@ -190,8 +192,31 @@ def neuron(layer: int, index: int, *, hook: str = "mlp.hook_post", tokens: Any =
         >>> neuron(3, 41).hooks
         ('blocks.3.mlp.hook_post',)
     """
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(
+            f"neuron: layer must be a block index >= 0 (use model.cfg.n_layers - 1 for the last block), got {layer!r}"
+        )
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"neuron: index must be an int (a neuron of the MLP, 0 to d_mlp - 1), got {index!r}")
     objective = channel(f"blocks.{layer}.{hook}", index, tokens=tokens, reduce=reduce)
-    return Objective(f"L{layer} neuron {index}", objective.hooks, objective.score, objective.per_token)
+    hook_name = objective.hooks[0]
+
+    def per_token(acts: dict[str, Tensor], cfg: Any) -> Tensor:
+        width = acts[hook_name].shape[-1]
+        if not -width <= index < width:
+            size = f"d_mlp={width} neurons" if width == getattr(cfg, "d_mlp", None) else f"{width} channels"
+            raise ValueError(
+                f"neuron({layer}, {index}): {hook_name} has {size}, so the index must be in [0, {width - 1}] "
+                f"(or [-{width}, -1] counting from the end)"
+            )
+        return objective.per_token(acts, cfg)
+
+    return Objective(
+        f"L{layer} neuron {index}",
+        objective.hooks,
+        lambda acts, cfg: _reduce_tokens(per_token(acts, cfg), cfg, tokens, reduce),
+        per_token,
+    )
 
 
 def head_direction(model: Any, layer: int, head: int, direction: Any, *, tokens: Any = "patches", reduce: Any = "mean") -> Objective:
