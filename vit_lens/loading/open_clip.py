@@ -1,5 +1,7 @@
 """open_clip VisionTransformer -> (ViTConfig, HookedViT state dict)."""
 
+import os
+
 from torch import Tensor, nn
 
 from vit_lens.model.config import ViTConfig
@@ -191,9 +193,19 @@ def open_clip_imagenet_templates() -> tuple:
 
 
 def open_clip_tokenizer(arch: str):
+    """``open_clip.get_tokenizer(arch)``, after checking the files a transformers tokenizer would download."""
     import open_clip
 
-    return open_clip.get_tokenizer(arch)
+    from vit_lens.loading.hub import Download, check_downloads, hub_offline_mode
+
+    if arch.startswith("hf-hub:"):
+        downloads = [Download(repo=arch[len("hf-hub:") :], filenames=("open_clip_config.json",))]
+    else:
+        text_cfg = (open_clip.get_model_config(arch) or {}).get("text_cfg") or {}
+        repo = text_cfg.get("hf_tokenizer_name")
+        downloads = [Download(repo=repo, filenames=("tokenizer_config.json", "tokenizer.json"))] if repo else []
+    with hub_offline_mode(check_downloads(f"the tokenizer of open_clip:{arch}", downloads)):
+        return open_clip.get_tokenizer(arch)
 
 
 def open_clip_imagenet_classnames() -> tuple:
@@ -201,3 +213,58 @@ def open_clip_imagenet_classnames() -> tuple:
     from open_clip import IMAGENET_CLASSNAMES
 
     return tuple(IMAGENET_CLASSNAMES)
+
+
+# where a whole open_clip checkpoint keeps the image tower's position embedding
+OPEN_CLIP_POSITION_KEYS = ("visual.positional_embedding", "visual.trunk.pos_embed")
+_HF_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_HF_TEXT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def open_clip_position_grid(model: nn.Module) -> tuple[int, tuple[int, int], int] | None:
+    """(position rows, patch grid, prefix tokens) of a built open_clip model's image tower, or None."""
+    visual = getattr(model, "visual", model)
+    if hasattr(visual, "positional_embedding"):
+        return visual.positional_embedding.shape[0], tuple(visual.grid_size), 1
+    trunk = getattr(visual, "trunk", None)
+    if getattr(trunk, "pos_embed", None) is not None and hasattr(trunk, "patch_embed"):
+        return trunk.pos_embed.shape[1], tuple(trunk.patch_embed.grid_size), trunk.num_prefix_tokens
+    return None
+
+
+def open_clip_downloads(arch: str, pretrained: str | None, cache_dir: str | None = None, **kwargs) -> list:
+    """The files ``open_clip.create_model(arch, pretrained, **kwargs)`` will fetch.
+
+    A pretrained tag's weights (from the hub, or OpenAI's URL for tags without a hub copy), an
+    ``hf-hub:`` model's config and weights, and a transformers text tower's config and (for
+    random CLIP weights) its own pretrained weights.
+    """
+    import open_clip
+
+    from vit_lens.loading.hub import Download
+
+    if arch.startswith("hf-hub:"):
+        repo = arch[len("hf-hub:") :]
+        return [Download(repo=repo, filenames=("open_clip_config.json",)), Download(repo=repo, filenames=_HF_WEIGHTS)]
+    downloads = []
+    if pretrained:
+        tag = open_clip.get_pretrained_cfg(arch, pretrained)
+        if tag.get("hf_hub"):
+            repo, filename = os.path.split(tag["hf_hub"])
+            # open_clip tries a safetensors twin of a pickle file first
+            if not filename or filename == _HF_WEIGHTS[1]:
+                names = _HF_WEIGHTS
+            elif filename.endswith((".bin", ".pth")):
+                names = (filename[:-4] + ".safetensors", filename)
+            else:
+                names = (filename,)
+            downloads.append(Download(repo=repo, filenames=names))
+        elif tag.get("url"):
+            folder = cache_dir or os.path.expanduser("~/.cache/clip")
+            downloads.append(Download(url=tag["url"], cached_path=os.path.join(folder, os.path.basename(tag["url"]))))
+    text_model = ((open_clip.get_model_config(arch) or {}).get("text_cfg") or {}).get("hf_model_name")
+    if text_model:
+        downloads.append(Download(repo=text_model, filenames=("config.json",)))
+        if not pretrained and kwargs.get("pretrained_text", kwargs.get("pretrained_hf", True)):
+            downloads.append(Download(repo=text_model, filenames=_HF_TEXT_WEIGHTS))
+    return downloads

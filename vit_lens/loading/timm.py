@@ -5,6 +5,8 @@ and ``Eva`` (EVA01, EVA02 with rotary embeddings, SwiGLU and sub-LayerNorms, as 
 EVA-CLIP towers use them).
 """
 
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -454,3 +456,53 @@ def timm_class_names(model: nn.Module) -> list[str]:
         return [f"class {i}" for i in range(model.num_classes)]
     info = ImageNetInfo(subset)
     return [info.index_to_description(i).split(",")[0] for i in range(model.num_classes)]
+
+
+# where a timm checkpoint (or an original big_vision .npz) keeps the position embedding
+TIMM_POSITION_KEYS = (
+    "pos_embed", "Transformer/posembed_input/pos_embedding", "opt/target/Transformer/posembed_input/pos_embedding",
+)
+
+
+def timm_position_grid(model: nn.Module) -> tuple[int, tuple[int, int], int] | None:
+    """(position rows, patch grid, prefix tokens) of a built timm ViT, or None without absolute positions."""
+    if getattr(model, "pos_embed", None) is None or not hasattr(model, "patch_embed"):
+        return None
+    return model.pos_embed.shape[1], tuple(model.patch_embed.grid_size), model.num_prefix_tokens
+
+
+def timm_downloads(name: str, cache_dir: str | None = None) -> list:
+    """The files ``timm.create_model(name, pretrained=True)`` will fetch (``name`` may carry a tag).
+
+    Raises:
+        ValueError: timm has no pretrained weights under that name or tag.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    from vit_lens.loading.hub import Download
+
+    arch, _, tag = name.partition(".")
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+        known = f"its tags are: {', '.join(tags)}." if tags else "timm has no pretrained weights for it."
+        raise ValueError(f"{tag!r} is not a pretrained tag of timm's {arch}; {known}" if tag else f"{arch}: {known}")
+    if cfg.file or cfg.state_dict is not None:
+        return []
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        filename = cfg.hf_hub_filename or "pytorch_model.bin"
+        # timm tries a safetensors twin of a pickle file first
+        twin = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+        names = (twin.get(filename, filename[:-4] + ".safetensors"), filename) if filename.endswith(".bin") else (filename,)
+        return [Download(repo=repo, filenames=names, revision=revision or None)]
+    if cfg.url:
+        import torch.hub
+
+        folder = cache_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+        return [Download(url=cfg.url, cached_path=os.path.join(folder, os.path.basename(cfg.url)))]
+    raise ValueError(f"timm lists no download for the pretrained weights {name!r}.")

@@ -110,14 +110,26 @@ class HookedCLIP(nn.Module):
         return cls(HookedViT.from_hf(model), **parts)
 
     @classmethod
-    def from_pretrained(cls, name: str, pretrained: str | None = None, **kwargs: Any) -> "HookedCLIP":
+    def from_pretrained(cls, name: Any, pretrained: str | None = None, **kwargs: Any) -> "HookedCLIP":
         """Build an open_clip model by name (``"ViT-B-16"`` or ``"open_clip:ViT-B-16"``) and wrap it.
 
         ``pretrained`` is an open_clip pretrained tag or a checkpoint path (None: random weights).
+        ``resample_pos_embed=True`` accepts a checkpoint trained on another patch grid (its
+        position embeddings are resampled); other keyword arguments go to ``open_clip.create_model``.
         """
         from vit_lens.loading import load_source_model
         from vit_lens.loading.open_clip import open_clip_tokenizer
 
+        if not isinstance(name, str):
+            raise TypeError(
+                f"HookedCLIP.from_pretrained takes an open_clip architecture name such as 'ViT-B-16' or "
+                f"'open_clip:ViT-B-16', got {name!r} ({type(name).__name__})."
+            )
+        if name.startswith("timm:"):
+            raise ValueError(
+                f"HookedCLIP needs a model with a text tower, from open_clip; {name!r} is a timm image model: "
+                "load it with HookedViT.from_pretrained."
+            )
         arch = name if name.startswith("open_clip:") else f"open_clip:{name}"
         _, model = load_source_model(arch, pretrained, **kwargs)
         return cls.from_open_clip(model, tokenizer=open_clip_tokenizer(arch.split(":", 1)[1]))

@@ -151,15 +151,19 @@ class HookedViT(HookedRootModule):
         return cls._from_converted(cfg, state_dict)
 
     @classmethod
-    def from_pretrained(cls, name: str, pretrained: str | bool | None = None, **kwargs: Any) -> "HookedViT":
+    def from_pretrained(cls, name: Any, pretrained: str | bool | None = None, **kwargs: Any) -> "HookedViT":
         """Build the source model by name through its library, then convert it.
 
         Args:
             name: ``"open_clip:<arch>"`` (e.g. ``"open_clip:ViT-B-16"``), ``"open_clip:hf-hub:<repo>"``
                 or ``"timm:<name>"`` (e.g. ``"timm:deit_small_patch16_224"``).
             pretrained: For open_clip, a pretrained tag (``"laion2b_s34b_b88k"``) or a checkpoint
-                path; for timm, True/False or a checkpoint path. None gives random weights.
-            **kwargs: Passed to ``open_clip.create_model`` or ``timm.create_model``.
+                path; for timm, True/False, a pretrained tag or a checkpoint path. None gives
+                random weights. A download that cannot succeed (offline, hub unreachable) raises
+                ``HubUnavailableError`` at once, naming the file.
+            **kwargs: ``resample_pos_embed=True`` accepts a checkpoint trained on another patch
+                grid (its position embeddings are resampled; refused by default, since that
+                changes the model); the rest go to ``open_clip.create_model`` or ``timm.create_model``.
         """
         from vit_lens.loading import load_source_model
 

@@ -132,6 +132,8 @@ def load_toy_clip(path: str | Path | None = None, device: str | torch.device = "
     """
     from safetensors import safe_open
 
+    from vit_lens.loading.checkpoints import require_safetensors
+
     if path is None:
         path = resources.files("vit_lens.toy").joinpath(WEIGHTS_FILE)
     path = Path(str(path))
@@ -140,8 +142,18 @@ def load_toy_clip(path: str | Path | None = None, device: str | torch.device = "
             f"no toy CLIP checkpoint at {path}; the shipped one is vit_lens/toy/{WEIGHTS_FILE} "
             "(train a new one with `python -m vit_lens.toy.train`)"
         )
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; load_toy_clip takes a .safetensors file written by save_toy_clip")
+    require_safetensors(path, "load_toy_clip reads the safetensors files that save_toy_clip writes")
     with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
+        metadata = f.metadata() or {}
+        missing = [key for key in ("vision_config", "text_config") if key not in metadata]
+        if missing:
+            raise ValueError(
+                f"{path} is a safetensors file but not a toy CLIP checkpoint: its metadata lacks {', '.join(missing)} "
+                f"(it has {sorted(metadata) or 'none'}). load_toy_clip reads files written by save_toy_clip; load "
+                "other checkpoints with HookedViT.from_pretrained or HookedCLIP.from_pretrained."
+            )
         state = {name: f.get_tensor(name).float() for name in f.keys()}
     # JSON has no tuples: patch_size and image_size come back as lists
     vision_config = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(metadata["vision_config"]).items()}
