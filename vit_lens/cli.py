@@ -1,13 +1,99 @@
-"""The ``vit-lens`` command. Heavy libraries are imported inside the subcommands, so ``--help`` is instant."""
+"""The ``vit-lens`` command. Heavy libraries are imported inside the subcommands, so ``--help`` is instant.
+
+An error is one line on stderr (two with a hint) and a non-zero exit status; ``--debug`` shows
+the traceback instead. Arguments, images and the output path are checked before any model is built.
+"""
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+_SOURCES = ("open_clip", "timm")
+
+
+class CommandError(Exception):
+    """A bad argument, found before any work: reported as one line, exit status 2 (as argparse's own)."""
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type for counts: argparse puts the flag's name in front of the message."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _check_model_spec(model: str, allow_toy: bool) -> None:
+    kind, _, arch = model.partition(":")
+    if (allow_toy and model == "toy") or (kind in _SOURCES and arch):
+        return
+    forms = ("'toy', " if allow_toy else "") + "'open_clip:<arch>' (e.g. open_clip:ViT-B-32) or 'timm:<name>'"
+    raise CommandError(f"--model {model}: use {forms}")
+
+
+def _check_images(paths: list[str]) -> None:
+    """Every ``--image`` is a file PIL recognises as an image (read from its header, not decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        if not os.path.exists(path):
+            raise CommandError(f"--image {path}: no such file")
+        if os.path.isdir(path):
+            raise CommandError(f"--image {path} is a directory; pass image files (repeat --image for several)")
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except UnidentifiedImageError:
+            raise CommandError(
+                f"--image {path} is not an image file PIL can read; pass a JPEG, PNG, WebP, BMP or TIFF file"
+            ) from None
+        except (OSError, SyntaxError) as error:
+            raise CommandError(f"--image {path} cannot be read as an image ({error})") from None
+
+
+def _check_output_path(out: str) -> None:
+    """``--out`` is a file path in an existing directory this process can write in."""
+    path = Path(out)
+    if path.is_dir():
+        raise CommandError(f"--out {out} is a directory; pass a file path such as {path / 'vit_lens_report.html'}")
+    folder = path.parent
+    if not folder.exists():
+        raise CommandError(f"--out {out}: the directory {folder} does not exist; create it first or choose another path")
+    if not folder.is_dir():
+        raise CommandError(f"--out {out}: {folder} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vit_lens_write_check_"):
+            pass
+    except OSError as error:
+        raise CommandError(f"--out {out}: cannot write in {folder} ({error.strerror}); choose a writable directory") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CommandError(f"--out {out}: the file exists and is not writable")
+
+
+def _check_demo_arguments(args: argparse.Namespace) -> None:
+    _check_model_spec(args.model, allow_toy=True)
+    if args.model == "toy":
+        if args.image:
+            raise CommandError("--image needs a real model: add --model open_clip:<arch> --pretrained <tag> (the toy "
+                               "model only sees its own 64x64 world)")
+        if args.pretrained is not None:
+            raise CommandError("--pretrained needs a real model (--model open_clip:<arch> or timm:<name>); the toy "
+                               "CLIP ships its own weights")
+    elif not args.image:
+        raise CommandError(f"--model {args.model} needs images: pass one or more --image PATH (jpg/png)")
+    _check_images(args.image)
+    _check_output_path(args.out)
 
 
 def _demo(args: argparse.Namespace) -> int:
     """The report: on the built-in toy CLIP by default, or on real weights."""
+    _check_demo_arguments(args)
     import torch
 
     torch.manual_seed(args.seed)
@@ -27,9 +113,6 @@ def _demo_toy(args: argparse.Namespace):
     from vit_lens.viz.report import demo_report
     from vit_lens.toy import ToyWorld, description_pool, factor_prompts, load_toy_clip
 
-    if args.image:
-        raise SystemExit("--image needs a real model: add --model open_clip:<arch> --pretrained <tag> (the toy model "
-                         "only sees its own 64x64 world)")
     print("Loading the built-in toy CLIP (trained by vit_lens on its synthetic world of coloured shapes) ...")
     clip = load_toy_clip()
     world = ToyWorld(seed=args.seed)
@@ -54,11 +137,6 @@ def _demo_real(args: argparse.Namespace):
     from vit_lens.model.hooked_vit import HookedViT
     from vit_lens.viz.report import demo_report
 
-    if not args.image:
-        raise SystemExit(f"--model {args.model} needs images: pass one or more --image PATH (jpg/png)")
-    missing = [path for path in args.image if not Path(path).is_file()]
-    if missing:
-        raise SystemExit(f"image file(s) not found: {missing}")
     kind = args.model.split(":", 1)[0]
     print(f"Loading {args.model} (pretrained={args.pretrained}) ...")
     pool = pool_embeddings = None
@@ -75,23 +153,21 @@ def _demo_real(args: argparse.Namespace):
                                     for i in range(0, len(names), 100)])
             pool = default_text_pool()
             pool_embeddings = torch.cat([clip.encode_text(pool[i : i + 100], normalize=True) for i in range(0, len(pool), 100)])
-    elif kind == "timm":
+    else:
         from vit_lens.loading import load_source_model
         from vit_lens.loading.timm import timm_class_names
 
         _, source = load_source_model(args.model, pretrained=args.pretrained)
         model = HookedViT.from_timm(source)
         if model.cfg.n_classes == 0 or model.cfg.pool_type == "token_dist":
-            raise SystemExit(f"{args.model}: the demo explains a classifier's logits; this model has "
-                             f"{'no head' if model.cfg.n_classes == 0 else 'two heads (distilled)'}")
+            raise CommandError(f"{args.model}: the demo explains a classifier's logits; this model has "
+                               f"{'no head' if model.cfg.n_classes == 0 else 'two heads (distilled)'}")
         import timm.data
 
         preprocess = timm.data.create_transform(**timm.data.resolve_data_config({}, model=source))
         names = timm_class_names(source)
         directions = model.head.W_head.T.detach()
         print("(TextSpan needs a text model: the timm report has no TextSpan section.)")
-    else:
-        raise SystemExit(f"unknown model {args.model!r}: use 'toy', 'open_clip:<arch>' or 'timm:<name>'")
     images = torch.stack([preprocess(Image.open(path).convert("RGB")) for path in args.image])
     return demo_report(
         model, images, class_names=names, class_directions=directions, pool=pool, pool_embeddings=pool_embeddings,
@@ -100,11 +176,13 @@ def _demo_real(args: argparse.Namespace):
 
 
 def _check(args: argparse.Namespace) -> int:
+    _check_model_spec(args.model, allow_toy=False)
     import torch
 
+    from vit_lens.loading import check_model_name, load_source_model, source_residual_stream
     from vit_lens.model.hooked_vit import HookedViT
-    from vit_lens.loading import load_source_model, source_residual_stream
 
+    check_model_name(args.model)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     print(f"Building {args.model} with random weights (no download) and converting it to a HookedViT...")
@@ -147,8 +225,11 @@ def _check(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-lens", description="Mechanistic interpretability for vision transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     demo = commands.add_parser(
         "demo",
+        parents=[common],
         help="write an HTML report (decomposition, attention maps, TextSpan, segmentation); offline on the toy CLIP",
     )
     demo.add_argument("--model", default="toy",
@@ -156,27 +237,48 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file for a real model")
     demo.add_argument("--image", action="append", default=[], help="an image file (repeat for several); real models")
     demo.add_argument("--out", default="vit_lens_report.html", help="report path (default: %(default)s)")
-    demo.add_argument("--n-images", type=int, default=4, help="toy images in the report (default: %(default)s)")
-    demo.add_argument("--textspan-images", type=int, default=2000,
+    demo.add_argument("--n-images", type=_positive_int, default=4, help="toy images in the report (default: %(default)s)")
+    demo.add_argument("--textspan-images", type=_positive_int, default=2000,
                       help="toy images TextSpan analyses (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    demo.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
     demo.set_defaults(run=_demo)
     check = commands.add_parser(
         "check",
+        parents=[common],
         help="build a random-weight source model, cache a run and print a per-layer table checked against it",
     )
     check.add_argument("--model", default="open_clip:ViT-B-32", help="open_clip:<arch> or timm:<name> (default: %(default)s)")
-    check.add_argument("--batch", type=int, default=2, help="random images per run (default: %(default)s)")
+    check.add_argument("--batch", type=_positive_int, default=2, help="random images per run (default: %(default)s)")
     check.add_argument("--seed", type=int, default=0)
-    check.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    check.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
     check.set_defaults(run=_check)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, CommandError) else f"{type(error).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``vit-lens``; returns the exit status (0 done, 1 failed, 2 bad arguments, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"vit-lens {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"vit-lens {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        if isinstance(error, CommandError):
+            return 2
+        print("(add --debug to see the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
