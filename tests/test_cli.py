@@ -129,3 +129,11 @@ def test_a_count_below_one_names_the_flag_and_the_valid_range(capsys, flag):
 )
 def test_argument_combinations_are_refused_before_any_work(capsys, nothing_is_built, argv, message):
     assert message in _one_error_line(capsys, argv)
+
+
+def test_demo_reports_a_misspelt_model_before_announcing_the_load(tmp_path, capsys, nothing_is_built):
+    image = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(image)
+    assert main(["demo", "--model", "timm:vit_tiny_patch16_225", "--image", str(image), "--out", str(tmp_path / "r.html")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Unknown model 'vit_tiny_patch16_225'" in captured.err

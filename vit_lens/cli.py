@@ -133,11 +133,12 @@ def _demo_real(args: argparse.Namespace):
     import torch
     from PIL import Image
 
+    from vit_lens.loading import check_model_name
     from vit_lens.model.clip import HookedCLIP
     from vit_lens.model.hooked_vit import HookedViT
     from vit_lens.viz.report import demo_report
 
-    kind = args.model.split(":", 1)[0]
+    kind, _ = check_model_name(args.model)
     print(f"Loading {args.model} (pretrained={args.pretrained}) ...")
     pool = pool_embeddings = None
     if kind == "open_clip":
