@@ -13,9 +13,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import vit_lens.loading.hub as hub
 from tests.reference._reference import perturb_vector_params_
 from vit_lens import HookedCLIP, HookedViT, load_toy_clip
+from vit_lens.loading import hub
 from vit_lens.loading.checkpoints import checkpoint_format
 from vit_lens.loading.hub import HubUnavailableError, unreachable_reason
 
@@ -123,8 +123,9 @@ def test_checkpoint_formats_are_read_from_the_bytes(tiny_timm_files, tmp_path):
 @pytest.mark.parametrize(
     "source, renamed, message",
     [
-        ("tiny.pt", "pickle.safetensors", r"is a PyTorch pickle file .* its \.safetensors suffix .* rename it to end in \.pt"),
-        ("tiny.safetensors", "safe.pt", r"is a safetensors file, but its \.pt suffix sends it to torch\.load: rename it to end in \.safetensors"),
+        ("tiny.pt", "pickle.safetensors", r"PyTorch pickle file .* its \.safetensors suffix .* rename it to end in \.pt"),
+        ("tiny.safetensors", "safe.pt", r"safetensors file, but its \.pt suffix sends it to torch\.load: rename it to end "
+                                        r"in \.safetensors"),
     ],
     ids=["pickle_named_safetensors", "safetensors_named_pt"],
 )
@@ -191,12 +192,15 @@ def test_an_open_clip_checkpoint_for_another_patch_grid_is_refused(tmp_path, mon
 # ---------------------------------------------------------------------------------------------- downloads
 
 
+HUB_REPOSITORY = "from the Hugging Face Hub repository"
+
+
 @pytest.mark.parametrize(
     "name, pretrained, file",
     [
-        ("timm:vit_tiny_patch16_224", True, f"model.safetensors or pytorch_model.bin from the Hugging Face Hub repository {TIMM_TAG_REPO}"),
-        ("open_clip:ViT-B-32", "openai", "open_clip_model.safetensors or open_clip_pytorch_model.bin from the Hugging "
-                                         "Face Hub repository timm/vit_base_patch32_clip_224.openai"),
+        ("timm:vit_tiny_patch16_224", True, f"model.safetensors or pytorch_model.bin {HUB_REPOSITORY} {TIMM_TAG_REPO}"),
+        ("open_clip:ViT-B-32", "openai",
+         f"open_clip_model.safetensors or open_clip_pytorch_model.bin {HUB_REPOSITORY} timm/vit_base_patch32_clip_224.openai"),
     ],
     ids=["timm", "open_clip"],
 )
@@ -213,7 +217,7 @@ def test_unreachable_hub_fails_at_once_naming_the_fix(tmp_path, hub_online_but_u
     with pytest.raises(HubUnavailableError) as info:
         HookedViT.from_pretrained("timm:vit_tiny_patch16_224", pretrained=True, cache_dir=str(tmp_path))
     message = str(info.value)
-    assert f"needs model.safetensors or pytorch_model.bin from the Hugging Face Hub repository {TIMM_TAG_REPO}" in message
+    assert f"needs model.safetensors or pytorch_model.bin {HUB_REPOSITORY} {TIMM_TAG_REPO}" in message
     assert "huggingface.co cannot be reached" in message
     assert "pass a local checkpoint file" in message and "set HF_HUB_OFFLINE=1" in message
     assert hub_online_but_unreachable == ["https://huggingface.co"]

@@ -64,14 +64,18 @@ def _check_output_path(out: str) -> None:
         raise CommandError(f"--out {out} is a directory; pass a file path such as {path / 'vit_lens_report.html'}")
     folder = path.parent
     if not folder.exists():
-        raise CommandError(f"--out {out}: the directory {folder} does not exist; create it first or choose another path")
+        raise CommandError(
+            f"--out {out}: the directory {folder} does not exist; create it first or choose another path"
+        )
     if not folder.is_dir():
         raise CommandError(f"--out {out}: {folder} is not a directory")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".vit_lens_write_check_"):
             pass
     except OSError as error:
-        raise CommandError(f"--out {out}: cannot write in {folder} ({error.strerror}); choose a writable directory") from None
+        raise CommandError(
+            f"--out {out}: cannot write in {folder} ({error.strerror}); choose a writable directory"
+        ) from None
     if path.exists() and not os.access(path, os.W_OK):
         raise CommandError(f"--out {out}: the file exists and is not writable")
 

@@ -101,7 +101,9 @@ def load_source_model(
             if isinstance(pretrained, str) and pretrained:
                 arch = f"{arch.split('.')[0]}.{pretrained}"
             elif pretrained not in (None, True, False):
-                raise TypeError(f"pretrained for {name!r} is True/False, a timm tag or a checkpoint path, got {pretrained!r}.")
+                raise TypeError(
+                    f"pretrained for {name!r} is True/False, a timm tag or a checkpoint path, got {pretrained!r}."
+                )
             force_offline = bool(pretrained) and check_downloads(described, timm_downloads(arch, cache_dir), cache_dir)
             with hub_offline_mode(force_offline):
                 model = timm.create_model(arch, pretrained=bool(pretrained), **kwargs)

@@ -6,6 +6,7 @@ helpers look at the first bytes instead and say what the file is. Nothing here u
 arbitrary objects: safetensors headers, zip listings and ``torch.load(weights_only=True)`` only.
 """
 
+import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -24,7 +25,11 @@ _NESTED_STATE_DICT_KEYS = ("state_dict", "model", "module")
 
 
 def checkpoint_format(path: str | os.PathLike) -> str:
-    """``"safetensors"``, ``"pytorch"`` (torch.save, zip or legacy), ``"numpy"`` (.npz) or ``"unknown"``, from the bytes."""
+    """What a file is, read from its first bytes.
+
+    Returns:
+        ``"safetensors"``, ``"pytorch"`` (torch.save, zip or legacy), ``"numpy"`` (.npz) or ``"unknown"``.
+    """
     with open(path, "rb") as file:
         head = file.read(9)
         size = os.fstat(file.fileno()).st_size
@@ -98,11 +103,14 @@ def directory_error(path: str | os.PathLike, owner: str) -> IsADirectoryError:
     """The error for a directory given where a checkpoint file is expected, naming the files inside it."""
     inside = sorted(p for p in Path(path).iterdir() if p.suffix in CHECKPOINT_SUFFIXES and p.is_file())
     if inside:
-        shown = ", ".join(repr(os.fspath(p)) for p in inside[:5]) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
+        shown = ", ".join(repr(os.fspath(p)) for p in inside[:5])
+        shown += f" and {len(inside) - 5} more" if len(inside) > 5 else ""
         hint = f"pass the checkpoint file inside it: {shown}"
     else:
         hint = f"it holds no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})"
-    return IsADirectoryError(f"pretrained={os.fspath(path)!r} for {owner!r} is a directory, not a checkpoint file; {hint}.")
+    return IsADirectoryError(
+        f"pretrained={os.fspath(path)!r} for {owner!r} is a directory, not a checkpoint file; {hint}."
+    )
 
 
 def checkpoint_tensor_shape(path: str | os.PathLike, names: Sequence[str]) -> tuple[int, ...] | None:
@@ -149,7 +157,7 @@ def checkpoint_tensor_shape(path: str | os.PathLike, names: Sequence[str]) -> tu
 
 
 def _strip_module(key: str) -> str:
-    return key[len("module.") :] if key.startswith("module.") else key
+    return key.removeprefix("module.")
 
 
 def check_position_grid(
@@ -178,15 +186,13 @@ def check_position_grid(
     shape = checkpoint_tensor_shape(checkpoint, names)
     if shape is None:
         return
-    rows = 1
-    for size in shape[:-1]:
-        rows *= size
+    rows = math.prod(shape[:-1])
     patches = model_grid[0] * model_grid[1]
     if rows == model_rows or 0 <= rows - patches <= n_prefix_tokens:
         return
     theirs = f"{rows} position rows"
     for candidate in (rows - (model_rows - patches), rows - n_prefix_tokens, rows):
-        side = int(round(max(candidate, 0) ** 0.5))
+        side = math.isqrt(max(candidate, 0))
         if side > 0 and side * side == candidate:
             theirs = f"a {side}x{side} patch grid ({rows} position rows)"
             break

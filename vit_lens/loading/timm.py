@@ -498,7 +498,9 @@ def timm_downloads(name: str, cache_dir: str | None = None) -> list:
         filename = cfg.hf_hub_filename or "pytorch_model.bin"
         # timm tries a safetensors twin of a pickle file first
         twin = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
-        names = (twin.get(filename, filename[:-4] + ".safetensors"), filename) if filename.endswith(".bin") else (filename,)
+        names = (filename,)
+        if filename.endswith(".bin"):
+            names = (twin.get(filename, filename[:-4] + ".safetensors"), filename)
         return [Download(repo=repo, filenames=names, revision=revision or None)]
     if cfg.url:
         import torch.hub
