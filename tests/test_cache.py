@@ -57,11 +57,13 @@ def test_stack_head_results_with_remainder_sums_to_the_residual_stream(run):
 
 
 def test_accumulated_resid_with_ln_ends_at_the_final_norm(run):
+    """The final LayerNorm's normalisation only: its weight and bias belong to W_U / b_U (a folded model's view)."""
     model, _, cache = run
     stack = cache.accumulated_resid(apply_ln=True)
     assert stack.shape[0] == model.cfg.n_layers + 1
     if model.cfg.final_norm == "pre_pool":
-        assert_rel_close(stack[-1], cache["ln_final.hook_normalized"], rtol=1e-5, what="logit lens final")
+        ln = model.ln_final
+        assert_rel_close(stack[-1] * ln.w + ln.b, cache["ln_final.hook_normalized"], rtol=1e-5, what="logit lens final")
 
 
 @pytest.mark.parametrize("family", ["clip_like", "vit_like", "dinov2_reg_like"])

@@ -8,6 +8,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 
 from vit_lens.model.hook_layout import hook_axes
+from vit_lens.model.readout import check_affine_readout, check_poolable, normalise, pooling_slice
 
 
 class VisionActivationCache(ActivationCache):
@@ -22,7 +23,13 @@ class VisionActivationCache(ActivationCache):
       ``hook_embed + hook_pos_embed`` is not a term of it. The decompositions then use a single
       ``"embed"`` term, ``ln_pre(hook_embed + hook_pos_embed)`` (= ``blocks.0.hook_resid_pre``).
     * For models whose final LayerNorm acts on the pooled vector (timm's ``fc_norm``), the
-      final norm cannot be applied per token: ``apply_ln`` at the final layer raises and says so.
+      final norm cannot be applied per token: ``apply_ln`` at the final layer raises and says so,
+      and :meth:`pool_stack` pools first, then normalises.
+
+    The readout follows TransformerLens on a model loaded with ``fold_ln=True``: ``apply_ln``
+    centres and scales, and the final LayerNorm's weight and bias are in ``model.W_U`` /
+    ``model.b_U`` (:mod:`vit_lens.model.readout`). :meth:`logit_attrs` is direct logit
+    attribution; :meth:`accumulated_resid` says what each logit-lens recipe computes.
 
     Helpers: ``n_prefix_tokens``, ``grid_size``, ``prefix_tokens(name)``, ``patch_tokens(name)``,
     ``to_patch_grid(name)`` and ``attention_grid(layer, query)``.
@@ -169,13 +176,187 @@ class VisionActivationCache(ActivationCache):
     def apply_ln_to_stack(self, residual_stack: Tensor, layer: int | None = None, mlp_input: bool = False,
                           pos_slice: Any = None, batch_slice: Any = None, has_batch_dim: bool = True,
                           recompute_ln: bool = False) -> Tensor:
-        """TransformerLens's ``apply_ln_to_stack``; refuses a final LayerNorm that acts after pooling."""
-        if not recompute_ln:
+        """TransformerLens's ``apply_ln_to_stack``: centre each term and divide it by the cached LayerNorm scale.
+
+        As TransformerLens does on a model loaded with ``fold_ln=True``, the LayerNorm's weight and
+        bias are not applied: the final LayerNorm's live in ``model.W_U`` and ``model.b_U``
+        (:mod:`vit_lens.model.readout`), so ``apply_ln_to_stack(stack, pos_slice=0).sum(0) @
+        model.W_U + model.b_U`` is a CLS-pooled model's output, folded weights or not. With
+        ``recompute_ln=True`` at the final layer each term is normalised with its own statistics
+        instead (the logit lens). A final LayerNorm that acts on the pooled vector (timm's
+        ``fc_norm``) cannot be applied per token and is refused: :meth:`pool_stack` applies it.
+        """
+        final = layer in (None, -1, self.model.cfg.n_layers)
+        if final:
             self._check_final_ln_per_token(layer)
+        if recompute_ln and final:
+            from transformer_lens.utilities import Slice
+
+            if has_batch_dim:
+                residual_stack = Slice(batch_slice).apply(residual_stack, dim=1)
+            return normalise(residual_stack, self.model.cfg.eps)
         return super().apply_ln_to_stack(
             residual_stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, batch_slice=batch_slice,
-            has_batch_dim=has_batch_dim, recompute_ln=recompute_ln,
+            has_batch_dim=has_batch_dim,
         )
+
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
+                          pos_slice: Any = None, mlp_input: bool = False, return_labels: bool = False):
+        """TransformerLens's ``accumulated_resid``: the residual stream at every block boundary up to ``layer``.
+
+        ``apply_ln=True`` normalises the states without the LayerNorm's weight and bias (those
+        are in ``model.W_U`` / ``model.b_U`` for the final one), as transformer-lens 4 does on a
+        folded model:
+
+        * up to the output (``layer`` None, -1 or ``n_layers``): each state with its own mean and
+          scale, the logit lens: ``model.unembed(cache.accumulated_resid(apply_ln=True,
+          pos_slice=0))`` reads each state out as if the blocks after it were skipped, and its
+          last entry is the output of a CLS-pooled model. Average-pooled models and final
+          LayerNorms after pooling: ``model.unembed(cache.pool_stack(cache.accumulated_resid(),
+          recompute_ln=True))``.
+        * up to block ``layer``: every state with that block's cached ``ln1`` scale (``ln2`` with
+          ``mlp_input``), as TransformerLens does.
+
+        ARENA's and ViT-Prisma's recipe, ``cache.apply_ln_to_stack(cache.accumulated_resid(
+        pos_slice=0), pos_slice=0)``, divides every state by the *final* state's cached scale
+        instead: its last entry is the same, and each earlier entry is the sum of the direct
+        contributions written before that layer, so consecutive differences are the layers'
+        direct logit attributions (:meth:`logit_attrs` of :meth:`decompose_resid`).
+        """
+        components, labels = super().accumulated_resid(
+            layer, incl_mid=incl_mid, apply_ln=False, pos_slice=pos_slice, mlp_input=mlp_input, return_labels=True,
+        )
+        if apply_ln:
+            final = layer in (None, -1, self.model.cfg.n_layers)
+            components = self.apply_ln_to_stack(
+                components, None if final else layer, mlp_input=mlp_input, pos_slice=pos_slice,
+                has_batch_dim=self.has_batch_dim, recompute_ln=final,
+            )
+        return (components, labels) if return_labels else components
+
+    def pool_stack(self, residual_stack: Float[Tensor, "... pos d_model"], apply_ln: bool = True,
+                   recompute_ln: bool = False) -> Float[Tensor, "... d_model"]:
+        """Pool a stack of residual-stream terms as the readout does, through the final LayerNorm's normalisation.
+
+        The terms of the normalised pooled vector that ``model.W_U`` reads, so
+        ``pool_stack(cache.decompose_resid()).sum(0) @ model.W_U + model.b_U`` is the output, for
+        every placement of the final LayerNorm. CLS pooling reads position 0, average pooling
+        the mean over the pooled tokens. The final LayerNorm acts where the model applies it: on
+        each token before pooling (CLIP's ``ln_post``, timm's ``norm``: each token's cached
+        scale) or on the pooled vector (timm's ``fc_norm``, open_clip's ``final_ln_after_pool``:
+        the pooled vector's cached scale). Each term is centred and divided, as in
+        :meth:`apply_ln_to_stack`; the bias is in ``model.b_U``.
+
+        Args:
+            residual_stack: ``[component, batch, pos, d_model]`` with every position (no
+                ``pos_slice``), e.g. from :meth:`decompose_resid`, :meth:`stack_head_results` or
+                :meth:`accumulated_resid`.
+            apply_ln: Apply the final LayerNorm's normalisation (nothing to apply where the model
+                has none).
+            recompute_ln: Normalise each term with its own statistics instead of the cached scale:
+                the logit lens of :meth:`accumulated_resid` states.
+
+        Returns:
+            ``[component, batch, d_model]``.
+
+        Raises:
+            ValueError: For attention, max and distilled (two-token) pooling, which are not linear
+                in the residual stream; :func:`vit_lens.intervene.decompose.direct_contributions`
+                decomposes those readouts.
+        """
+        cfg = self.model.cfg
+        check_poolable(self.model)
+        n_pos = cfg.n_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        if residual_stack.ndim < 2 or residual_stack.shape[-2] != n_pos:
+            raise ValueError(
+                f"pool_stack takes terms at every position ([..., {n_pos}, {cfg.d_model}] for these images), got shape "
+                f"{tuple(residual_stack.shape)}; build the stack without pos_slice."
+            )
+        normalised = apply_ln and cfg.final_norm != "none"
+        if normalised and cfg.final_norm == "pre_pool":
+            residual_stack = self._final_normalisation(residual_stack, recompute_ln)
+        pooled = residual_stack[..., pooling_slice(self.model, n_pos), :].mean(dim=-2)
+        if normalised and cfg.final_norm == "post_pool":
+            pooled = self._final_normalisation(pooled, recompute_ln)
+        return pooled
+
+    def _final_normalisation(self, stack: Tensor, recompute_ln: bool) -> Tensor:
+        if recompute_ln:
+            return normalise(stack, self.model.cfg.eps)
+        return (stack - stack.mean(-1, keepdim=True)) / self["ln_final.hook_scale"]
+
+    def logit_attrs(self, residual_stack: Float[Tensor, "... d_model"],
+                    tokens: Any = None, incorrect_tokens: Any = None,  # checked by the model, with directed messages
+                    pos_slice: Any = None, batch_slice: Any = None, has_batch_dim: bool = True, *,
+                    directions: Float[Tensor, "*batch d_model"] | None = None,
+                    pool: bool = False) -> Float[Tensor, "..."]:
+        """Direct logit attribution, as TransformerLens's ``logit_attrs``: each term's share of an output entry.
+
+        Each term of ``residual_stack`` goes through the final LayerNorm with its cached scale
+        (:meth:`apply_ln_to_stack`, or :meth:`pool_stack` with ``pool=True``) and is dotted with
+        the residual direction of its target (``model.tokens_to_residual_directions``). Summed
+        over a complete stack (:meth:`decompose_resid`, :meth:`get_full_resid_decomposition`) and
+        added to the bias ``model.b_U[tokens]`` (``model.b_U @ t`` for an output-space vector
+        ``t``), the attributions give the output entry exactly.
+
+        For a CLIP tower the targets are text embeddings (``model.tokens_to_residual_directions(
+        text_embeds)``, or ``clip.tokens_to_residual_directions(prompts)``): the attributions then
+        sum to ``image_embed @ t``; the zero-shot logit is that times ``clip.logit_scale.exp() /
+        image_embed.norm()`` (plus ``clip.logit_bias`` for SigLIP).
+
+        Args:
+            residual_stack: ``[component, batch, (pos,) d_model]``.
+            tokens: Targets: class indices of a classifier (an int, ``[batch]`` or ``[batch,
+                pos]``) or output-space vectors ``[batch, d_out]`` / ``[d_out]``.
+            incorrect_tokens: Attribute the difference ``tokens - incorrect_tokens`` (same shape).
+            pos_slice, batch_slice, has_batch_dim: As TransformerLens's; ``pos_slice=0`` reads the
+                CLS token of a CLS-pooled model.
+            directions: Residual-space directions ``[batch, d_model]`` or ``[d_model]`` in place
+                of ``tokens``.
+            pool: Pool the stack as the readout does (:meth:`pool_stack`; ``residual_stack`` then
+                holds every position, and ``pos_slice`` / ``batch_slice`` are not taken). Needed
+                for average pooling and for a final LayerNorm after pooling.
+
+        Returns:
+            ``[component, batch]`` (``[component, batch, pos]`` for a stack with positions).
+
+        Raises:
+            ValueError: For readouts with no ``W_U`` (an attention pool, a distilled DeiT's two
+                heads, max pooling): :func:`vit_lens.intervene.decompose.direct_contributions`
+                attributes through those.
+        """
+        model = self.model
+        check_affine_readout(model, "direct logit attribution")
+        if (tokens is None) == (directions is None):
+            raise TypeError("logit_attrs takes the targets as tokens= or as residual-space directions=, exactly one")
+        if directions is None:
+            directions = model.tokens_to_residual_directions(tokens)
+            if incorrect_tokens is not None:
+                incorrect = model.tokens_to_residual_directions(incorrect_tokens)
+                if incorrect.shape != directions.shape:
+                    raise ValueError(
+                        f"tokens and incorrect_tokens must have the same shape, got directions of shape "
+                        f"{tuple(directions.shape)} and {tuple(incorrect.shape)}"
+                    )
+                directions = directions - incorrect
+        elif incorrect_tokens is not None:
+            raise TypeError("incorrect_tokens goes with tokens=; with directions=, pass the difference of directions")
+        if pool:
+            if pos_slice is not None or batch_slice is not None:
+                raise ValueError("logit_attrs(pool=True) pools every position itself; drop pos_slice and batch_slice")
+            scaled = self.pool_stack(residual_stack)
+        elif model.cfg.final_norm == "none":
+            from transformer_lens.utilities import Slice
+
+            scaled = Slice(batch_slice).apply(residual_stack, dim=1) if has_batch_dim else residual_stack
+        else:
+            scaled = self.apply_ln_to_stack(
+                residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim,
+            )
+        directions = directions.to(scaled)
+        if scaled.ndim == 4 and directions.ndim == 2 and directions.shape[0] == scaled.shape[1]:
+            directions = directions[:, None]  # one target per image, shared by its positions
+        return (scaled * directions).sum(dim=-1)
 
     def stack_neuron_results(self, *args: Any, **kwargs: Any):
         """TransformerLens's per-neuron stack (``hook_post * W_out``); refused where that is not the MLP's output."""
@@ -198,8 +379,9 @@ class VisionActivationCache(ActivationCache):
         if cfg.final_norm == "post_pool":
             raise ValueError(
                 f"{cfg.model_name}'s final LayerNorm acts on the pooled vector ({cfg.pool_type} pooling, then "
-                "ln_final), so it cannot be applied to each token's residual. Use apply_ln=False and pool the "
-                "components yourself, or apply_ln at an earlier layer."
+                "ln_final), so it cannot be applied to each token's residual. Pool the terms first: "
+                "cache.pool_stack(stack) (or cache.logit_attrs(stack, ..., pool=True)) pools them and applies the "
+                "pooled vector's cached scale; or use apply_ln=False, or apply_ln at an earlier layer."
             )
         if cfg.final_norm == "none":
             raise ValueError(f"{cfg.model_name} has no final LayerNorm to apply; use apply_ln=False.")

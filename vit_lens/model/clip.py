@@ -115,10 +115,13 @@ class HookedCLIP(nn.Module):
 
         ``pretrained`` is an open_clip pretrained tag or a checkpoint path (None: random weights).
         ``resample_pos_embed=True`` accepts a checkpoint trained on another patch grid (its
-        position embeddings are resampled); other keyword arguments go to ``open_clip.create_model``.
+        position embeddings are resampled); TransformerLens's ``fold_ln``, ``center_writing_weights``,
+        ``fold_value_biases`` and ``refactor_factored_attn_matrices`` process the image tower
+        (:meth:`process_weights_`); other keyword arguments go to ``open_clip.create_model``.
         """
         from vit_lens.loading import load_source_model
         from vit_lens.loading.open_clip import open_clip_tokenizer
+        from vit_lens.model.weight_processing import pop_processing_args
 
         if not isinstance(name, str):
             raise TypeError(
@@ -131,8 +134,10 @@ class HookedCLIP(nn.Module):
                 "load it with HookedViT.from_pretrained."
             )
         arch = name if name.startswith("open_clip:") else f"open_clip:{name}"
+        processing = pop_processing_args(kwargs)
         _, model = load_source_model(arch, pretrained, **kwargs)
-        return cls.from_open_clip(model, tokenizer=open_clip_tokenizer(arch.split(":", 1)[1]))
+        clip = cls.from_open_clip(model, tokenizer=open_clip_tokenizer(arch.split(":", 1)[1]))
+        return clip.process_weights_(**processing) if processing else clip
 
     # ------------------------------------------------------------------ encoders
 
@@ -202,6 +207,42 @@ class HookedCLIP(nn.Module):
             embeds = self.encode_text(texts, normalize=True).reshape(len(chunk), len(templates), -1).mean(dim=1)
             columns.append(F.normalize(embeds, dim=-1).T)
         return torch.cat(columns, dim=1)
+
+    # ------------------------------------------------------------------ readout and weights, TransformerLens style
+
+    def tokens_to_residual_directions(
+        self, texts: str | Sequence[str] | Tensor, normalize: bool = True
+    ) -> Float[Tensor, "*n_texts d_model"]:
+        """Residual-stream directions of texts, ``W_U @ t`` for each text embedding ``t`` (TransformerLens's name).
+
+        ``direction @ normalised + b_U @ t`` is ``image_embed @ t``, for ``normalised`` the image
+        tower's pooled residual stream after the final LayerNorm's normalisation; the zero-shot
+        logit is ``logit_scale.exp() * (image_embed @ t) / image_embed.norm()`` (plus
+        ``logit_bias``). ``cache.logit_attrs(stack, directions=...)`` attributes ``image_embed @ t``
+        to the terms of a stack.
+
+        Args:
+            texts: A prompt, a list of prompts, text token ids, or text embeddings ``[..., d_embed]``
+                (a float tensor).
+            normalize: Unit-normalise the text embeddings first, as the zero-shot logits do.
+
+        Returns:
+            ``[n_texts, d_model]``, or ``[d_model]`` for one prompt.
+        """
+        embeds = texts if isinstance(texts, Tensor) and texts.is_floating_point() else self.encode_text(texts)
+        if normalize:
+            embeds = F.normalize(embeds, dim=-1)
+        directions = self.vision.tokens_to_residual_directions(embeds)
+        return directions[0] if isinstance(texts, str) else directions
+
+    def process_weights_(self, **kwargs: Any) -> "HookedCLIP":
+        """:meth:`HookedViT.process_weights_` on the image tower (the text tower is the source's); returns this model.
+
+        ``center_unembed=True`` is refused: the image embedding is compared with text embeddings by
+        cosine similarity, and centring the projection would change every zero-shot logit.
+        """
+        self.vision.process_weights_(**kwargs)
+        return self
 
     # ------------------------------------------------------------------ hooks, delegated to the image tower
 

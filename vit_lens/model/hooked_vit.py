@@ -163,12 +163,19 @@ class HookedViT(HookedRootModule):
                 ``HubUnavailableError`` at once, naming the file.
             **kwargs: ``resample_pos_embed=True`` accepts a checkpoint trained on another patch
                 grid (its position embeddings are resampled; refused by default, since that
-                changes the model); the rest go to ``open_clip.create_model`` or ``timm.create_model``.
+                changes the model); TransformerLens's ``fold_ln``, ``center_writing_weights``,
+                ``center_unembed``, ``fold_value_biases`` and ``refactor_factored_attn_matrices``
+                process the converted weights (:meth:`process_weights_`; unlike TransformerLens,
+                nothing is processed unless asked); the rest go to ``open_clip.create_model`` or
+                ``timm.create_model``.
         """
         from vit_lens.loading import load_source_model
+        from vit_lens.model.weight_processing import pop_processing_args
 
+        processing = pop_processing_args(kwargs)
         source_kind, source = load_source_model(name, pretrained, **kwargs)
-        return cls.from_open_clip(source) if source_kind == "open_clip" else cls.from_timm(source)
+        model = cls.from_open_clip(source) if source_kind == "open_clip" else cls.from_timm(source)
+        return model.process_weights_(**processing) if processing else model
 
     @classmethod
     def _from_converted(cls, cfg: ViTConfig, state_dict: dict[str, Tensor]) -> "HookedViT":
@@ -553,6 +560,98 @@ class HookedViT(HookedRootModule):
     def OV(self) -> FactoredMatrix:
         """``W_V W_O`` for every layer and head: ``[n_layers, n_heads, d_model, d_model]``."""
         return FactoredMatrix(self.W_V, self.W_O)
+
+    # ------------------------------------------------------------------ readout and weight processing, TL style
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_out"]:
+        """The unembedding: the readout after pooling (``W_proj``, the head's ``W_head``, or the identity of a
+        backbone) with the final LayerNorm's weight folded in, ``diag(ln_final.w) @ W_proj`` centred over
+        ``d_model`` (as TransformerLens's ``fold_ln`` leaves it; the normalised stream is centred).
+
+        As in TransformerLens on a model loaded with ``fold_ln=True``: the normalised pooled residual
+        stream (``cache.apply_ln_to_stack(stack, pos_slice=0)``, ``cache.pool_stack(stack)``) times
+        ``W_U`` plus :attr:`b_U` is the output, whether or not the weights were folded
+        (:mod:`vit_lens.model.readout`). Not defined for an attention pool, a distilled DeiT's two
+        heads or max pooling after the final LayerNorm (the error says what to use instead).
+        """
+        from vit_lens.model.readout import unembedding
+
+        return unembedding(self)[0]
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_out"]:
+        """The unembedding bias: ``ln_final.b @ W_proj`` plus the readout's own bias (``b_proj``, ``b_head``)."""
+        from vit_lens.model.readout import unembedding
+
+        return unembedding(self)[1]
+
+    def unembed(self, normalised: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_out"]:
+        """``normalised @ W_U + b_U``: the output, for a pooled residual stream normalised by the final LayerNorm.
+
+        Example:
+            >>> lens = model.unembed(cache.accumulated_resid(apply_ln=True, pos_slice=0))  # doctest: +SKIP
+            >>> torch.allclose(lens[-1], embed, atol=1e-5)  # the logit lens ends at the output  # doctest: +SKIP
+            True
+        """
+        W_U, b_U = self.W_U, self.b_U
+        return normalised.to(W_U) @ W_U + b_U
+
+    def tokens_to_residual_directions(
+        self, tokens: Any  # checked in vit_lens.model.readout, with directed messages
+    ) -> Float[Tensor, "... d_model"]:
+        """Residual-stream directions of output entries, as TransformerLens's (``W_U``'s columns).
+
+        Args:
+            tokens: Class indices of a classifier (an int or an integer tensor), or output-space
+                vectors ``[..., d_out]``: text embeddings for a CLIP tower
+                (``HookedCLIP.tokens_to_residual_directions`` takes the prompts themselves).
+
+        Returns:
+            ``[*tokens.shape, d_model]`` (``[..., d_model]`` for vectors): ``direction @ normalised``
+            plus ``b_U[token]`` (``b_U @ vector``) is the output entry, for ``normalised`` the pooled
+            residual stream after the final LayerNorm's normalisation; ``cache.logit_attrs`` dots
+            the terms of a stack with these directions.
+        """
+        from vit_lens.model.readout import tokens_to_residual_directions
+
+        return tokens_to_residual_directions(self, tokens)
+
+    def process_weights_(
+        self,
+        fold_ln: bool = True,
+        center_writing_weights: bool | None = None,
+        center_unembed: bool | None = None,
+        fold_value_biases: bool | None = None,
+        refactor_factored_attn_matrices: bool = False,
+    ) -> "HookedViT":
+        """Process the weights in place with TransformerLens's steps; the output stays the same.
+
+        ``fold_ln`` folds every LayerNorm's weight and bias into the linear maps that read it (the
+        LayerNorms' ``hook_normalized`` then hold the normalised vector without weight and bias, as
+        TransformerLens's ``LayerNormPre``); ``center_writing_weights`` centres every writer to the
+        residual stream; ``center_unembed`` centres a classifier head over its classes (the logits
+        move by a per-image constant, the probabilities not at all); ``fold_value_biases`` moves
+        ``b_V`` into ``b_O``; ``refactor_factored_attn_matrices`` evens out the factors of
+        ``W_Q W_K^T`` and ``W_V W_O``. None (the default of three of them) applies a step wherever
+        it keeps the output; True where it cannot raises and says why (no final LayerNorm, an
+        embedding output, EVA-CLIP's ``attn.ln_z``, rotary embeddings, ...).
+        :mod:`vit_lens.model.weight_processing` details each step and what it does to the hooks.
+
+        Returns:
+            This model.
+
+        Example:
+            >>> model.process_weights_(fold_ln=True, center_writing_weights=True)  # doctest: +SKIP
+            >>> model.blocks[0].ln1.w.unique()  # doctest: +SKIP
+            tensor([1.])
+        """
+        from vit_lens.model.weight_processing import process_weights_
+
+        return process_weights_(
+            self, fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+            fold_value_biases=fold_value_biases, refactor_factored_attn_matrices=refactor_factored_attn_matrices,
+        )
 
     def all_head_labels(self) -> list[str]:
         """``["L0H0", "L0H1", ...]`` in the order ``stack_head_results`` uses."""
