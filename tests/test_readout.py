@@ -140,7 +140,10 @@ def test_pool_stack_reads_out_every_pooling(family, overrides, images):
         attrs = cache.logit_attrs(stack, targets, pool=True)
         assert_rel_close(attrs.sum(0) + targets @ model.b_U, (out * targets).sum(-1), what="logit_attrs(pool=True)")
         lens = model.unembed(cache.pool_stack(cache.accumulated_resid(), recompute_ln=True))
+        one_call, labels = cache.logit_lens(return_labels=True)
     assert_rel_close(lens[-1], out, what="pooled logit lens, last state")
+    torch.testing.assert_close(one_call, lens)
+    assert labels[-1] == "final_post" and len(labels) == model.cfg.n_layers + 1
 
 
 def test_final_layernorm_after_pooling_points_to_pool_stack(images):
@@ -165,6 +168,8 @@ def test_logit_lens_recipes_end_at_the_output_and_mean_what_they_say(cls_pooled)
         lens = model.unembed(cache.accumulated_resid(apply_ln=True, pos_slice=0))
         assert lens.shape == (model.cfg.n_layers + 1, len(out), model.cfg.d_output)
         assert_rel_close(lens[-1], out, what="logit lens, last state")
+        assert_rel_close(cache.logit_lens(), lens, what="cache.logit_lens()")
+        assert cache.logit_lens(incl_mid=True).shape[0] == 2 * model.cfg.n_layers + 1
         readout = model.W_proj if model.cfg.d_proj is not None else model.head.W_head
         bias = 0 if model.cfg.d_proj is not None else model.head.b_head
         for layer in range(model.cfg.n_layers):
@@ -224,5 +229,7 @@ def test_bad_targets_are_refused_with_what_would_work(toy, images):
     stack = cache.decompose_resid(layer=-1, pos_slice=0)
     with pytest.raises(TypeError, match="exactly one"):
         cache.logit_attrs(stack, pos_slice=0)
+    with pytest.raises(TypeError, match="rank a vocabulary"):
+        cache.logit_lens(top_k=5)
     with pytest.raises(ValueError, match="same shape"):
         cache.logit_attrs(stack, torch.randn(3, 64), incorrect_tokens=torch.randn(64), pos_slice=0)

@@ -280,6 +280,34 @@ class VisionActivationCache(ActivationCache):
             pooled = self._final_normalisation(pooled, recompute_ln)
         return pooled
 
+    def logit_lens(self, incl_mid: bool = False, return_labels: bool = False, **kwargs: Any):
+        """The logit lens: every block boundary's residual stream read out as the model reads out its last one.
+
+        ``model.unembed(cache.pool_stack(cache.accumulated_resid(incl_mid=incl_mid), recompute_ln=True))``:
+        each state pooled as the model pools, normalised with its own statistics by the final
+        LayerNorm and projected by ``W_U`` / ``b_U``, as if the blocks after it were skipped. The
+        last entry is the model's output. (For a CLS-pooled model this is
+        ``model.unembed(cache.accumulated_resid(apply_ln=True, pos_slice=0))``.)
+
+        Args:
+            incl_mid: Also read out ``resid_mid`` of every block.
+            return_labels: Also return the states' labels (``"0_pre"``, ..., ``"final_post"``).
+            **kwargs: transformer-lens 4's ``logit_lens`` options (``top_k``, ``targets``, ...) rank a
+                vocabulary and are refused; rank classes or texts from the returned readouts.
+
+        Returns:
+            ``[n_states, batch, d_out]`` (and the labels).
+        """
+        if kwargs:
+            raise TypeError(
+                f"VisionActivationCache.logit_lens takes incl_mid and return_labels, not {sorted(kwargs)}: "
+                "transformer-lens's options rank a vocabulary. It returns the readouts [state, batch, d_out]; rank "
+                "classes from them (lens.argmax(-1)) or texts (lens @ text_embeds.T)."
+            )
+        states, labels = self.accumulated_resid(incl_mid=incl_mid, return_labels=True)
+        readouts = self.model.unembed(self.pool_stack(states, recompute_ln=True))
+        return (readouts, labels) if return_labels else readouts
+
     def _final_normalisation(self, stack: Tensor, recompute_ln: bool) -> Tensor:
         if recompute_ln:
             return normalise(stack, self.model.cfg.eps)
