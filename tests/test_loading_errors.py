@@ -248,3 +248,14 @@ def test_the_probe_is_a_short_connect_to_the_host():
     finally:
         server.close()
     assert "refused" in unreachable_reason(f"http://127.0.0.1:{port}", timeout=2.0).lower()
+
+
+def test_blip2_hub_name_offline_fails_at_once_naming_the_fix(tmp_path, monkeypatch, no_network):
+    from vit_lens import HookedBlip2
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(HubUnavailableError) as info:
+        HookedBlip2.from_pretrained("Salesforce/blip2-opt-2.7b")
+    message = str(info.value)
+    assert "transformers:Salesforce/blip2-opt-2.7b" in message and "config.json" in message
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in message

@@ -17,16 +17,14 @@ tower converts with ``final_norm="pre_pool"``, ``pool_type="token"`` and no proj
 Decoding an earlier layer ``l`` feeds ``ln_final(blocks.{l}.hook_resid_post)`` to the Q-Former.
 """
 
-import copy
+import os
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from jaxtyping import Float
 from torch import Tensor, nn
 
 from vit_lens.model.config import ViTConfig
 from vit_lens.loading._common import SourceParams, attention_and_mlp, layer_norm_eps, unsupported
+from vit_lens.loading.hub import Download, check_downloads, hub_offline_mode
 
 
 def _vision_model(model: nn.Module) -> nn.Module:
@@ -153,7 +151,12 @@ def load_blip2_source(name: str, *, processor: bool = True, **kwargs: Any) -> tu
     """A BLIP-2 / InstructBLIP checkpoint (hub name or local directory) and, if asked, its processor, via transformers."""
     from transformers import AutoConfig, Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(name)
+    if not os.path.isdir(name):  # a hub name: fail at once, naming the fix, when it cannot be fetched
+        config_file = Download(repo=name, filenames=("config.json",))
+        with hub_offline_mode(check_downloads(f"transformers:{name}", [config_file])):
+            config = AutoConfig.from_pretrained(name)
+    else:
+        config = AutoConfig.from_pretrained(name)
     classes = {"blip-2": Blip2ForConditionalGeneration, "instructblip": InstructBlipForConditionalGeneration}
     if config.model_type not in classes:
         raise ValueError(f"{name!r} is a {config.model_type!r} model; HookedBlip2 loads {sorted(classes)} checkpoints")
