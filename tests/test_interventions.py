@@ -51,7 +51,7 @@ def no_grad_one_thread():
 
 def test_mask_of_ones_is_exactly_a_no_op(tiny_model, images):
     cfg = tiny_model.cfg
-    hooks = mask_heads(torch.ones(cfg.n_layers, cfg.n_heads))
+    hooks = mask_heads(torch.ones(cfg.n_layers, cfg.n_heads), tiny_model)
     assert [name for name, _ in hooks] == [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)]
     assert torch.equal(tiny_model.run_with_hooks(images, fwd_hooks=hooks), tiny_model(images))
 
