@@ -11,5 +11,8 @@ __getattr__, __dir__, __all__ = lazy_package(
         "VisionActivationCache": ".cache",
         "HookedBlip2": ".blip2",
     },
-    ("hooked_vit", "clip", "config", "cache", "components", "hook_layout", "hook_checks", "blip2"),
+    (
+        "hooked_vit", "clip", "config", "cache", "components", "hook_layout", "hook_checks", "blip2", "readout",
+        "weight_processing",
+    ),
 )
