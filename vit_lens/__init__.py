@@ -30,6 +30,8 @@ _EXPORTS = {
     "ViTConfig": "vit_lens.model.config",
     "VisionActivationCache": "vit_lens.model.cache",
     "load_toy_clip": "vit_lens.toy.model",
+    "get_act_name": "vit_lens.utils.hook_names",
+    "image_tower": "vit_lens.model.hooked_vit",
 }
 # Short names for the modules users reach most: ``vit_lens.<short>`` is the module on the right.
 SHORT_NAMES = {
@@ -43,6 +45,7 @@ SHORT_NAMES = {
     "decompose": "vit_lens.intervene.decompose",
     "interventions": "vit_lens.intervene.interventions",
     "patching": "vit_lens.intervene.patching",
+    "tl_patching": "vit_lens.intervene.tl_patching",
     "pruning": "vit_lens.intervene.pruning",
     "statistics": "vit_lens.intervene.statistics",
     "store": "vit_lens.intervene.store",
@@ -69,8 +72,9 @@ if TYPE_CHECKING:
     from vit_lens.model.cache import VisionActivationCache
     from vit_lens.model.clip import HookedCLIP
     from vit_lens.model.config import ViTConfig
-    from vit_lens.model.hooked_vit import HookedViT
+    from vit_lens.model.hooked_vit import HookedViT, image_tower
     from vit_lens.toy.model import load_toy_clip
+    from vit_lens.utils.hook_names import get_act_name
 
 
 class _ShortNameFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):

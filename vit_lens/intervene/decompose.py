@@ -45,6 +45,7 @@ from torch import Tensor
 
 from vit_lens.intervene._validate import check_indices
 from vit_lens.model.cache import VisionActivationCache
+from vit_lens.model.hooked_vit import image_tower
 
 LEVELS = ("layer", "head", "head_token", "neuron")
 LN_MODES = ("center_each", "paper")
@@ -149,7 +150,7 @@ def direct_contributions(
     """Split the representation into the direct contributions of the model's components.
 
     Args:
-        model: The HookedViT that produced ``cache``.
+        model: The HookedViT (or HookedCLIP) that produced ``cache``.
         cache: From ``model.run_with_cache(images)`` (the default names are enough).
         level: ``"layer"`` (embedding, each attention layer, each MLP), ``"head"``, ``"head_token"``
             (per head and source token, at the pooled query) or ``"neuron"``.
@@ -172,6 +173,7 @@ def direct_contributions(
         >>> torch.allclose(heads.sum(), embed, atol=1e-5)  # doctest: +SKIP
         True
     """
+    model = image_tower(model)
     cfg = model.cfg
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -244,6 +246,7 @@ def required_hooks(model, level: str = "layer", layers: list[int] | int | None =
         >>> _, cache = model.run_with_cache(images, names_filter=required_hooks(model, "head"))  # doctest: +SKIP
         >>> direct_contributions(model, cache, level="head").sum().shape  # [batch, d_embed]  # doctest: +SKIP
     """
+    model = image_tower(model)
     cfg = model.cfg
     layers = check_indices(layers, cfg.n_layers, "layers", "required_hooks")
     names = ["blocks.0.hook_resid_pre", f"blocks.{cfg.n_layers - 1}.hook_resid_post"]

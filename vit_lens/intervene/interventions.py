@@ -41,6 +41,7 @@ from torch import Tensor
 from vit_lens.model.hook_layout import hook_axes
 from vit_lens.model.config import ViTConfig
 from vit_lens.intervene.statistics import HookStatistics
+from vit_lens.model.hooked_vit import image_tower
 
 HookFn = Callable[..., Tensor | None]
 # (hook name or name filter, hook function): what fwd_hooks takes
@@ -756,7 +757,7 @@ def _cached(cache: Any, hook_name: str) -> Tensor:
 
 def _tower(model: Any) -> Any:
     """The HookedViT: the model itself, or a HookedCLIP's image tower."""
-    return getattr(model, "vision", model)
+    return image_tower(model)
 
 
 def _config(cfg_or_model: Any) -> ViTConfig:

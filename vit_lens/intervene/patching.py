@@ -34,8 +34,7 @@ kernels may round a row of a small matmul differently depending on where it sits
 import dataclasses
 import difflib
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -44,7 +43,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from vit_lens.model.cache import VisionActivationCache
-from vit_lens.model.hooked_vit import HookedViT
+from vit_lens.model.hooked_vit import HookedViT, frozen_parameters, image_tower
 from vit_lens.utils.progress import progress as progress_bar
 
 # short name -> (hook point under blocks.{layer}., per-image layout). Layouts: "token" [pos, d],
@@ -292,7 +291,7 @@ def activation_patching(
         >>> result = activation_patching(model, corrupted_images, clean_cache, metric)  # doctest: +SKIP
         >>> prefix, grid = result.normalized().to_grid()  # [layer, prefix], [layer, rows, cols]  # doctest: +SKIP
     """
-    tower = _image_tower(model)
+    tower = image_tower(model)
     _check_metric_is_callable(metric)
     hook_suffix, layout = _resolve_activation(activation)
     _check_grouping(activation, by, positions, heads, regions, region_size)
@@ -385,7 +384,7 @@ def attribution_patching(
         >>> fast = attribution_patching(model, clean, corrupted, metric, activation="z", by="head")  # doctest: +SKIP
         >>> fast.values.shape  # [n_layers, n_heads]  # doctest: +SKIP
     """
-    tower = _image_tower(model)
+    tower = image_tower(model)
     _check_metric_is_callable(metric)
     hook_suffix, layout = _resolve_activation(activation)
     _check_grouping(activation, by, positions, heads, regions, region_size)
@@ -401,7 +400,7 @@ def attribution_patching(
     with torch.no_grad():
         clean_out, clean_cache = tower.run_with_cache(clean_images, names_filter=hook_names)
     baseline_clean = _reduced_metric(metric, clean_out, n_images).item()
-    with _parameters_frozen(tower), torch.enable_grad():
+    with frozen_parameters(tower), torch.enable_grad():
         # With frozen parameters the graph must start at the images for the activations to get gradients.
         leaf_images = corrupted_images.detach().requires_grad_(True)
         corrupted_out, corrupted_cache = tower.run_with_cache(
@@ -767,29 +766,9 @@ def _clean_activation(clean_cache: VisionActivationCache, name: str, n_images: i
     return act.to(like)
 
 
-def _image_tower(model: Any) -> HookedViT:
-    tower = getattr(model, "vision", model)
-    if not isinstance(tower, HookedViT):
-        raise TypeError(f"Patching needs a HookedViT (or a HookedCLIP), got {type(model).__name__}")
-    return tower
-
-
 def _image_grid(model: HookedViT, images: Tensor) -> tuple[int, int]:
     patch = model.cfg.patch_size
     return images.shape[-2] // patch[0], images.shape[-1] // patch[1]
-
-
-@contextmanager
-def _parameters_frozen(model: HookedViT) -> Iterator[None]:
-    """Switch off parameter gradients, so a backward pass neither computes nor accumulates them."""
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    for param, _ in flags:
-        param.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
 
 
 def _import_plotly() -> tuple[Any, Callable]:

@@ -24,6 +24,7 @@ from torch import Tensor
 from vit_lens.intervene._validate import check_indices
 from vit_lens.intervene.decompose import direct_contributions, required_hooks
 from vit_lens.intervene.interventions import HookPairs, mask_heads
+from vit_lens.model.hooked_vit import image_tower
 
 Scorer = Callable[[Tensor, Tensor], Tensor]
 
@@ -85,7 +86,7 @@ def head_scores(
         >>> scores = head_scores(model, sample_loader, layers=[-1])  # [n_layers, n_heads]  # doctest: +SKIP
         >>> scores[-1].argsort(descending=True)[:3]  # the three heads closest to their layer's output  # doctest: +SKIP
     """
-    model = getattr(model, "vision", model)
+    model = image_tower(model)
     cfg = model.cfg
     layers = check_indices(layers, cfg.n_layers, "layers", "head_scores", allow_empty=False)
     totals = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
@@ -142,7 +143,7 @@ def prune_heads(
         >>> pruning.coefficients[11]  # [n_heads]; two zeros  # doctest: +SKIP
         >>> out = model.run_with_hooks(images, fwd_hooks=pruning.hooks())  # doctest: +SKIP
     """
-    model = getattr(model, "vision", model)
+    model = image_tower(model)
     cfg = model.cfg
     if isinstance(n_prune, bool) or not isinstance(n_prune, int) or not 0 <= n_prune < cfg.n_heads:
         raise ValueError(f"n_prune must be in [0, {cfg.n_heads - 1}] for {cfg.n_heads} heads, got {n_prune!r}")

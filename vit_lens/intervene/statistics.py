@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vit_lens.model.hook_layout import hook_axes
+from vit_lens.model.hooked_vit import image_tower
 from vit_lens.utils.progress import progress as progress_bar
 
 _FORMAT = "vit_lens.HookStatistics/1"
@@ -208,7 +209,7 @@ def compute_hook_statistics(
         >>> stats = compute_hook_statistics(model, loader, names)  # doctest: +SKIP
         >>> stats.mean("blocks.3.hook_resid_post").shape  # [pos, d_model]  # doctest: +SKIP
     """
-    tower = getattr(model, "vision", model)
+    tower = image_tower(model)
     if isinstance(names, str):
         names = [names]
     if not callable(names) and not names:

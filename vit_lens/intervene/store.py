@@ -28,6 +28,7 @@ from torch import Tensor
 
 from vit_lens.intervene._validate import check_indices
 from vit_lens.intervene.decompose import LEVELS, LN_MODES, direct_contributions, required_hooks
+from vit_lens.model.hooked_vit import image_tower
 from vit_lens.utils.progress import progress as progress_bar
 
 _META = "meta.json"
@@ -73,7 +74,7 @@ def compute_contributions_to_disk(
         >>> store = compute_contributions_to_disk(model, loader, "prs/imagenet_val", level="head")  # doctest: +SKIP
         >>> store.component("L11H3").shape  # [n_images, d_embed], read from the memory-mapped shards  # doctest: +SKIP
     """
-    model = getattr(model, "vision", model)
+    model = image_tower(model)
     if isinstance(shard_batches, bool) or not isinstance(shard_batches, int) or shard_batches < 1:
         raise ValueError(f"shard_batches must be an int >= 1, got {shard_batches!r}")
     if level not in LEVELS:

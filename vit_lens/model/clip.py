@@ -9,7 +9,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vit_lens.model.cache import VisionActivationCache
-from vit_lens.model.hooked_vit import HookedViT
+from vit_lens.model.hooked_vit import HookList, HookedViT, _check_bwd_hooks_survive, check_return_type
 
 Template = str | Callable[[str], str]
 
@@ -20,6 +20,15 @@ class HookedCLIP(nn.Module):
     The text tower is the source model's own (its parameters are shared, not copied), so text
     embeddings are open_clip's to the bit; the image tower is re-implemented with hooks and
     matches open_clip's ``encode_image`` layer by layer.
+
+    A HookedCLIP is a hooked model with the image tower's hook points, under the same names
+    (``"blocks.3.attn.hook_z"``): every attribute it does not define itself is its image tower's
+    (``cfg``, ``hook_dict``, ``mod_dict``, ``hook_points()``, ``add_hook``, ``reset_hooks``,
+    ``blocks``, ``W_Q`` ... ``W_E_matrix``, ``QK``, ``OV``, ``accumulated_bias``,
+    ``token_labels``, ...), and called on images alone it is its image tower. ``run_with_hooks``,
+    ``run_with_cache`` and ``hooks`` put the hooks on the image tower around its own forward, so
+    with texts they return image-text logits. Every vit_lens function that takes a HookedViT
+    takes a HookedCLIP.
 
     Attributes:
         vision: The :class:`HookedViT` image tower; hooks and caches live here.
@@ -166,9 +175,36 @@ class HookedCLIP(nn.Module):
         tokens = tokens.to(self.logit_scale.device)
         return self.text_model.encode_text(tokens, normalize=normalize)
 
-    def forward(self, images: Tensor, texts: str | Sequence[str] | Tensor) -> Float[Tensor, "batch n_texts"]:
-        """Image-text logits ``logit_scale.exp() * cos(image, text) (+ logit_bias)``, ``[n_images, n_texts]``."""
-        image = self.encode_image(images, normalize=True)
+    def forward(
+        self,
+        images: Any = None,  # checked by the image tower, with directed messages
+        texts: str | Sequence[str] | Tensor | None = None,
+        *,
+        return_type: Any = "logits",
+        input: Any = None,
+        tokens: Any = None,
+    ) -> Float[Tensor, "batch *out"] | None:
+        """Image-text logits, or, without texts, the image tower's output.
+
+        Args:
+            images: ``[batch, channels, height, width]`` preprocessed images (or ``input=``).
+            texts: Strings or token ids. With texts, ``return_type="logits"`` gives
+                ``logit_scale.exp() * cos(image, text) (+ logit_bias)``, ``[n_images, n_texts]``.
+            return_type: ``"logits"`` (default), ``"embed"`` (the image embedding), ``"pooled"`` or
+                None, as :meth:`HookedViT.forward`. Without texts ``"logits"`` is the image tower's
+                output, the image embedding: ``clip(images)`` is ``clip.vision(images)``.
+            input: TransformerLens's name for the images.
+            tokens: Refused: text token ids go in ``texts``, images in ``images``.
+        """
+        if tokens is not None:
+            raise TypeError(
+                "HookedCLIP takes images and texts, not tokens=: call clip(images, texts), with text token ids (or "
+                "strings) as texts."
+            )
+        check_return_type(return_type, self.vision.cfg)
+        if texts is None or return_type != "logits":
+            return self.vision(images, input=input, return_type=return_type)
+        image = F.normalize(self.vision(images, input=input), dim=-1)
         text = self.encode_text(texts, normalize=True)
         logits = self.logit_scale.exp() * image @ text.T
         return logits + self.logit_bias if self.logit_bias is not None else logits
@@ -244,17 +280,64 @@ class HookedCLIP(nn.Module):
         self.vision.process_weights_(**kwargs)
         return self
 
-    # ------------------------------------------------------------------ hooks, delegated to the image tower
+    # ------------------------------------------------------------------ hooks: the image tower's, around this forward
 
-    def run_with_cache(self, images: Tensor, **kwargs: Any) -> tuple[Tensor, VisionActivationCache]:
-        """``self.vision.run_with_cache``: the image embedding and the image tower's cache."""
-        return self.vision.run_with_cache(images, **kwargs)
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
+        fwd_hooks: HookList | None = None,
+        bwd_hooks: HookList | None = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        metric: Callable[[Tensor], Tensor] | None = None,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Any = None,
+        **model_kwargs: Any,
+    ) -> tuple[Tensor | None, VisionActivationCache]:
+        """:meth:`HookedViT.run_with_cache` around this model's forward: ``clip.run_with_cache(images)``
+        returns the image embedding, ``clip.run_with_cache(images, texts)`` the image-text logits, and
+        the cache holds the image tower's activations either way.
+        """
+        return self.vision._cache_run(
+            self, model_args, model_kwargs, names_filter=names_filter, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks,
+            device=device, remove_batch_dim=remove_batch_dim, incl_bwd=incl_bwd, metric=metric,
+            reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts, pos_slice=pos_slice,
+        )
 
-    def run_with_hooks(self, images: Tensor, **kwargs: Any) -> Tensor:
-        """``self.vision.run_with_hooks``: the image embedding under temporary hooks."""
-        return self.vision.run_with_hooks(images, **kwargs)
+    def run_with_hooks(
+        self,
+        *model_args: Any,
+        fwd_hooks: HookList | None = None,
+        bwd_hooks: HookList | None = None,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **model_kwargs: Any,
+    ) -> Tensor | None:
+        """:meth:`HookedViT.run_with_hooks` around this model's forward (image embedding, or logits with texts)."""
+        _check_bwd_hooks_survive(bwd_hooks, reset_hooks_end)
+        with self.vision.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self(*model_args, **model_kwargs)
 
     def hooks(self, *args: Any, **kwargs: Any):
         """``self.vision.hooks``: a context manager of temporary image-tower hooks."""
         return self.vision.hooks(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Parameters and submodules of this model first, then the image tower's attributes (its hook API,
+        config and weights), so that a HookedCLIP stands wherever a HookedViT does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            vision = self.__dict__.get("_modules", {}).get("vision")
+            if vision is None or name.startswith("_"):
+                raise
+        try:
+            return getattr(vision, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'HookedCLIP' object has no attribute {name!r}, and neither has its image tower (a HookedViT)"
+            ) from None
 

@@ -5,6 +5,8 @@ guessed from a model name. Training, logging and device settings do not belong h
 """
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
 _ACT_FNS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 _POOL_TYPES = ("token", "token_dist", "avg", "max", "avgmax", "map")
 _FINAL_NORMS = ("pre_pool", "post_pool", "none")
@@ -77,6 +79,10 @@ class ViTConfig:
             per-head outputs ``attn.hook_result`` (large: ``[batch, pos, head, d_model]``).
             A hook attached to ``hook_result`` always makes it computed, whatever this says.
         model_name: Where the weights came from, for messages and ``repr`` only.
+        device: Where the weights of the model built from this config are (TransformerLens's
+            ``cfg.device``, with which TransformerLens and ARENA code allocates results). Not an
+            argument: the HookedViT sets it when it is built and whenever it is moved
+            (``model.to(...)``); None for a config no model owns yet.
     """
 
     d_model: int
@@ -114,6 +120,7 @@ class ViTConfig:
     normalization_type: str = field(default="LN", init=False, repr=False)
     attn_only: bool = field(default=False, init=False, repr=False)
     final_rms: bool = field(default=False, init=False, repr=False)
+    device: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.patch_size = _pair(self.patch_size, "patch_size")
@@ -178,8 +185,27 @@ class ViTConfig:
 
     @property
     def n_ctx(self) -> int:
-        """Tokens in the residual stream at ``image_size``."""
+        """Positions in the residual stream at ``image_size``: prefix tokens plus patches (TransformerLens's ``n_ctx``)."""
         return self.n_prefix_tokens + self.n_patches
+
+    def token_labels(self, grid_size: tuple[int, int] | None = None) -> list[str]:
+        """A label for every position of the residual stream, in order, for plot axes.
+
+        ``"CLS"``, ``"DIST"`` (DeiT's distillation token), ``"REG0"``, ``"REG1"``, ... (registers),
+        then ``"P(row,col)"`` for the patches in raster order: the labels patching results use.
+
+        Args:
+            grid_size: The patch grid (rows, columns) of the images; default: the grid at ``image_size``.
+
+        Example:
+            >>> ViTConfig(d_model=8, n_layers=1, n_heads=2, d_head=4, d_mlp=16, patch_size=8, image_size=16,
+            ...           n_registers=1).token_labels()
+            ['CLS', 'REG0', 'P(0,0)', 'P(0,1)', 'P(1,0)', 'P(1,1)']
+        """
+        rows, cols = self.grid_size if grid_size is None else grid_size
+        prefix = ["CLS"] * self.class_token + ["DIST"] * self.distillation_token
+        prefix += [f"REG{i}" for i in range(self.n_registers)]
+        return prefix + [f"P({r},{c})" for r in range(rows) for c in range(cols)]
 
     @property
     def d_output(self) -> int:
@@ -190,4 +216,5 @@ class ViTConfig:
 
     def to_dict(self) -> dict:
         """The init fields as a plain dict (what ``ViTConfig(**d)`` takes back)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("normalization_type", "attn_only", "final_rms")}
+        derived = ("normalization_type", "attn_only", "final_rms", "device")
+        return {k: v for k, v in asdict(self).items() if k not in derived}

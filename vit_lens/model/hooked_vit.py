@@ -1,7 +1,7 @@
 """HookedViT: a vision transformer with a TransformerLens hook point on every activation."""
 
 from contextlib import contextmanager
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -17,6 +17,10 @@ from vit_lens.model.components._hooks import is_hooked
 from vit_lens.model.config import ViTConfig
 
 HookList = Sequence[tuple[str | Callable[[str], bool], Callable]]
+# What forward, run_with_hooks and run_with_cache return (TransformerLens's ``return_type``).
+RETURN_TYPES = ("logits", "embed", "pooled", None)
+# Text-model return types that have no meaning for images; refused with a pointer to "logits".
+_TEXT_RETURN_TYPES = ("loss", "both", "predictions", "str")
 
 
 class HookedViT(HookedRootModule):
@@ -56,6 +60,10 @@ class HookedViT(HookedRootModule):
     Every hook may observe its tensor (return None) or replace it (return a tensor of the same
     shape); a replacement always flows into the rest of the computation.
 
+    Positions (``cfg.n_ctx`` of them at ``cfg.image_size``): CLS (if any) at 0, then the
+    distillation token and registers, then the patches in raster order;
+    :meth:`token_labels` names them for plot axes.
+
     Example:
         >>> import torch, vit_lens
         >>> cfg = vit_lens.ViTConfig(d_model=32, n_layers=2, n_heads=4, d_head=8, d_mlp=64,
@@ -93,6 +101,13 @@ class HookedViT(HookedRootModule):
             self.head = Head(cfg)
             self.hook_logits = HookPoint()  # [batch, n_classes]
         self.setup()
+        self.cfg.device = self.embed.W_E.device
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HookedViT":
+        """``nn.Module._apply`` (behind ``to``, ``cuda``, ``half``, ...), keeping ``cfg.device`` where the weights are."""
+        module = super()._apply(fn, *args, **kwargs)
+        self.cfg.device = self.embed.W_E.device
+        return module
 
     # ------------------------------------------------------------------ construction
 
@@ -214,8 +229,14 @@ class HookedViT(HookedRootModule):
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, images: Any, *, stop_at_layer: Any = None  # validated below with directed messages
-    ) -> Float[Tensor, "batch *out"]:
+        self,
+        images: Any = None,  # validated below with directed messages, as are the keywords
+        *,
+        stop_at_layer: Any = None,
+        return_type: Any = "logits",
+        input: Any = None,
+        tokens: Any = None,
+    ) -> Float[Tensor, "batch *out"] | None:
         """Run the tower.
 
         Args:
@@ -223,12 +244,28 @@ class HookedViT(HookedRootModule):
                 model expects.
             stop_at_layer: If given, return the residual stream ``[batch, pos, d_model]`` entering
                 block ``stop_at_layer`` (negative counts from the end) and skip the rest.
+            return_type: What to return (every hook fires whatever is chosen):
+
+                * ``"logits"`` (default): the model's output, what its readout produces: the
+                  logits ``[batch, n_classes]`` of a classifier, the image embedding
+                  ``[batch, d_proj]`` of a CLIP tower (zero-shot logits need texts: see
+                  :class:`~vit_lens.HookedCLIP`), or the pooled representation of a backbone.
+                * ``"embed"``: the image embedding ``[batch, d_proj]`` (models with a projection).
+                * ``"pooled"``: the pooled representation ``[batch, d_model]`` before any projection or
+                  head (``hook_pooled``; after the final LayerNorm where the model has one).
+                * None: nothing (run for the hooks only).
+
+                TransformerLens's ``"loss"``, ``"both"`` and ``"predictions"`` refer to next-token
+                prediction and are refused.
+            input: TransformerLens's name for the first argument; the images.
+            tokens: Refused with a directed message: images are not token ids.
 
         Returns:
-            The image embedding ``[batch, d_proj]`` (CLIP), the logits ``[batch, n_classes]``
-            (classifier), or the pooled representation ``[batch, d_model]``.
+            What ``return_type`` asks for.
         """
+        images = _images_argument(images, input, tokens, "HookedViT")
         self._check_images(images)
+        check_return_type(return_type, self.cfg)
         stop = self._check_stop_at_layer(stop_at_layer)
         grid = (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
         tokens = self.hook_embed(self.embed(images))
@@ -243,14 +280,16 @@ class HookedViT(HookedRootModule):
             resid = block(resid, rotary)
         if stop is not None:
             return resid
-        return self._readout(resid)
+        return self._readout(resid, return_type)
 
     def _pool(self, tokens: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch *pooled d_model"]:
         if self.cfg.pool_type == "map":
             return self.attn_pool(tokens[:, 0 if self.cfg.pool_include_prefix else self.cfg.n_prefix_tokens :])
         return self.pool(tokens)
 
-    def _readout(self, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch *out"]:
+    def _readout(
+        self, resid: Float[Tensor, "batch pos d_model"], return_type: str | None = "logits"
+    ) -> Float[Tensor, "batch *out"] | None:
         if self.cfg.final_norm == "pre_pool":
             pooled = self._pool(self.ln_final(resid))
         elif self.cfg.final_norm == "post_pool":
@@ -260,12 +299,16 @@ class HookedViT(HookedRootModule):
         pooled = self.hook_pooled(pooled)
         if self.cfg.d_proj is not None:
             embed = torch.matmul(pooled, self.W_proj)
-            return self.hook_image_embed(embed + self.b_proj if self.cfg.proj_bias else embed)
-        if self.cfg.n_classes:
-            return self.hook_logits(self.head(pooled))
-        if self.cfg.pool_type == "token_dist":
-            return pooled.mean(dim=1)
-        return pooled
+            output = self.hook_image_embed(embed + self.b_proj if self.cfg.proj_bias else embed)
+        elif self.cfg.n_classes:
+            output = self.hook_logits(self.head(pooled))
+        elif self.cfg.pool_type == "token_dist":
+            output = pooled.mean(dim=1)
+        else:
+            output = pooled
+        if return_type == "pooled":
+            return pooled
+        return None if return_type is None else output
 
     def _check_images(self, images: Any) -> None:
         cfg = self.cfg
@@ -396,8 +439,10 @@ class HookedViT(HookedRootModule):
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
         **model_kwargs: Any,
-    ) -> Tensor:
+    ) -> Tensor | None:
         """Run the model with temporary hooks: ``fwd_hooks=[(name, fn), ...]`` with ``fn(activation, hook)``.
+
+        ``model_args`` / ``model_kwargs`` go to :meth:`forward` (``return_type=`` included).
 
         Example:
             >>> def zero_head_3(z, hook):
@@ -405,11 +450,7 @@ class HookedViT(HookedRootModule):
             ...     return z
             >>> out = model.run_with_hooks(images, fwd_hooks=[("blocks.5.attn.hook_z", zero_head_3)])  # doctest: +SKIP
         """
-        if bwd_hooks and reset_hooks_end:
-            raise ValueError(
-                "Backward hooks would be removed before any backward pass; pass reset_hooks_end=False and call "
-                "model.reset_hooks() after backward(), or use run_with_cache(..., incl_bwd=True, metric=...)."
-            )
+        _check_bwd_hooks_survive(bwd_hooks, reset_hooks_end)
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*model_args, **model_kwargs)
 
@@ -427,8 +468,10 @@ class HookedViT(HookedRootModule):
         clear_contexts: bool = False,
         pos_slice: Any = None,
         **model_kwargs: Any,
-    ) -> tuple[Tensor, VisionActivationCache]:
+    ) -> tuple[Tensor | None, VisionActivationCache]:
         """Run the model and cache activations, optionally while intervening with ``fwd_hooks``.
+
+        ``model_args`` / ``model_kwargs`` go to :meth:`forward` (``input=``, ``return_type=``).
 
         Args:
             names_filter: Hook names (a string or a list) or a filter function. None caches every
@@ -439,7 +482,8 @@ class HookedViT(HookedRootModule):
             fwd_hooks, bwd_hooks: Interventions active during the run; the cache records the
                 activations as edited.
             incl_bwd: Also cache gradients (``<name>_grad``) of ``metric(output)`` (or of the
-                output itself if it is a scalar).
+                output itself if it is a scalar). Needs autograd on and something to differentiate:
+                parameters that require grad (loaded models do) or images that do.
             device, remove_batch_dim, pos_slice, reset_hooks_end, clear_contexts: As in
                 TransformerLens.
 
@@ -450,9 +494,43 @@ class HookedViT(HookedRootModule):
             >>> embed, cache = model.run_with_cache(images)  # doctest: +SKIP
             >>> cache["pattern", 3].shape  # [batch, head, query, key]  # doctest: +SKIP
         """
+        return self._cache_run(
+            self, model_args, model_kwargs, names_filter=names_filter, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks,
+            device=device, remove_batch_dim=remove_batch_dim, incl_bwd=incl_bwd, metric=metric,
+            reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts, pos_slice=pos_slice,
+        )
+
+    def _cache_run(
+        self,
+        call: Callable[..., Any],
+        model_args: tuple,
+        model_kwargs: dict[str, Any],
+        *,
+        names_filter: Any,
+        fwd_hooks: HookList | None,
+        bwd_hooks: HookList | None,
+        device: Any,
+        remove_batch_dim: bool,
+        incl_bwd: bool,
+        metric: Callable[[Tensor], Tensor] | None,
+        reset_hooks_end: bool,
+        clear_contexts: bool,
+        pos_slice: Any,
+    ) -> tuple[Tensor | None, VisionActivationCache]:
+        """``run_with_cache`` with this tower's hooks around ``call(*model_args, **model_kwargs)``.
+
+        ``call`` is the tower itself, or a model wrapping it (HookedCLIP's forward with texts), so
+        that the output and the metric are the wrapper's while the cache is the tower's.
+        """
         names_filter = self._normalise_names_filter(names_filter)
-        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor) and len(model_args[0]) != 1:
-            raise ValueError(f"remove_batch_dim=True needs a batch of one image, got {len(model_args[0])}")
+        images = _images_of(model_args, model_kwargs)
+        if remove_batch_dim and isinstance(images, Tensor) and len(images) != 1:
+            raise ValueError(f"remove_batch_dim=True needs a batch of one image, got {len(images)}")
+        if incl_bwd and not torch.is_grad_enabled():
+            raise RuntimeError(
+                "run_with_cache(incl_bwd=True) needs autograd, but gradients are off here (inside torch.no_grad() "
+                "or torch.inference_mode()); call it outside that block, or inside torch.enable_grad()."
+            )
         cache_dict, cache_fwd, cache_bwd = self.get_caching_hooks(
             names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
         )
@@ -460,18 +538,30 @@ class HookedViT(HookedRootModule):
         all_fwd = list(fwd_hooks or ()) + cache_fwd
         all_bwd = list(bwd_hooks or ()) + cache_bwd
         with self.hooks(all_fwd, all_bwd, reset_hooks_end, clear_contexts):
-            out = self(*model_args, **model_kwargs)
+            out = call(*model_args, **model_kwargs)
             if incl_bwd:
                 target = metric(out) if metric is not None else out
-                if target.numel() != 1:
+                if not isinstance(target, Tensor) or target.numel() != 1:
+                    shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
                     raise ValueError(
-                        f"incl_bwd=True differentiates a scalar, but the output has shape {tuple(target.shape)}; "
-                        "pass metric=, e.g. metric=lambda out: out[:, 0].sum()."
+                        f"incl_bwd=True differentiates a scalar, but {'metric(output)' if metric else 'the output'} is "
+                        f"{shape}; pass metric= returning a scalar tensor, e.g. metric=lambda out: out[:, 0].sum()."
+                    )
+                if not target.requires_grad:
+                    raise RuntimeError(
+                        "run_with_cache(incl_bwd=True) has nothing to differentiate: no parameter of the model "
+                        "requires a gradient (it was frozen with requires_grad_(False)) and the images do not either. "
+                        "Unfreeze it with model.requires_grad_(True), or pass images.requires_grad_(True) to get the "
+                        "activations' gradients without parameter gradients."
                     )
                 target.backward()
-        images = model_args[0] if model_args else model_kwargs.get("images")
-        grid = (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
+        grid = self._grid(images)
         return out, VisionActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim, grid_size=grid)
+
+    def _grid(self, images: Tensor) -> tuple[int, int]:
+        """The patch grid (rows, columns) of ``images``."""
+        return (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
+
 
     def _normalise_names_filter(self, names_filter: Any) -> Callable[[str], bool]:
         if names_filter is None:
@@ -513,7 +603,24 @@ class HookedViT(HookedRootModule):
 
     @property
     def W_E(self) -> Float[Tensor, "d_model channel patch_h patch_w"]:
-        return self.embed.W_E
+        """The patch embedding in convolution layout ``[d_model, channel, patch_h, patch_w]`` (a view of ``embed.W_E``).
+
+        TransformerLens's ``W_E`` is a ``[d_vocab, d_model]`` matrix; a patch embedding is a
+        kernel, so a matrix product with this view (``model.W_E @ model.OV``) raises and points to
+        :attr:`W_E_matrix`. Every other tensor operation works as on the parameter.
+        """
+        return self.embed.W_E.as_subclass(PatchEmbeddingKernel)
+
+    @property
+    def W_E_matrix(self) -> Float[Tensor, "patch_pixels d_model"]:
+        """The patch embedding as a matrix ``[channel * patch_h * patch_w, d_model]``.
+
+        A patch's pixels flattened channel first, then rows, then columns
+        (``images[:, :, :ph, :pw].flatten(1)``) times this matrix, plus ``embed.b_E`` where the model
+        has one, is the patch's row of ``hook_embed``.
+        """
+        return self.embed.W_E.flatten(1).T
+
 
     @property
     def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
@@ -656,3 +763,153 @@ class HookedViT(HookedRootModule):
     def all_head_labels(self) -> list[str]:
         """``["L0H0", "L0H1", ...]`` in the order ``stack_head_results`` uses."""
         return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+
+    def token_labels(self, images: Tensor | None = None) -> list[str]:
+        """A label for every position, for plot axes: ``["CLS", "REG0", ..., "P(0,0)", "P(0,1)", ...]``.
+
+        The labels patching results carry (:meth:`ViTConfig.token_labels`). Positions depend only
+        on the image size, never on the pixels.
+
+        Args:
+            images: Label the positions of images of this size (models converted with
+                ``dynamic_img_size``); default: ``cfg.image_size``, ``cfg.n_ctx`` labels.
+
+        Example:
+            >>> labels = model.token_labels()  # doctest: +SKIP
+            >>> px.imshow(cache["pattern", 0][0, 0], x=labels, y=labels)  # doctest: +SKIP
+        """
+        return self.cfg.token_labels(None if images is None else self._grid(images))
+
+    def to_str_tokens(self, images: Tensor | None = None) -> list[str]:
+        """TransformerLens's name for :meth:`token_labels` (an image's "tokens" are its positions)."""
+        return self.token_labels(images)
+
+
+class PatchEmbeddingKernel(Tensor):
+    """A view of the patch embedding kernel that refuses matrix products with a directed message.
+
+    What ``HookedViT.W_E`` returns. Every other operation returns plain tensors, so
+    ``model.W_E.flatten(1)``, ``model.W_E.norm()`` or ``images.to(model.W_E)`` behave as usual.
+    """
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _MATMULS:
+            raise _matmul_error()
+        if func is Tensor.__deepcopy__:
+            return args[0].as_subclass(Tensor).detach().clone()
+        return _plain_tensors(super().__torch_function__(func, types, args, kwargs or {}))
+
+    # Defined here as well: with a non-tensor operand (a FactoredMatrix such as model.OV) torch's own
+    # `@` returns NotImplemented before __torch_function__ sees it.
+    def __matmul__(self, other: Any) -> Any:
+        raise _matmul_error()
+
+    def __rmatmul__(self, other: Any) -> Any:
+        raise _matmul_error()
+
+
+def _matmul_error() -> ValueError:
+    # ValueError, not TypeError: Python turns a TypeError inside `@` into "unsupported operand type(s)".
+    return ValueError(
+        "model.W_E is the patch embedding as a convolution kernel [d_model, channel, patch_h, patch_w], not "
+        "TransformerLens's [d_vocab, d_model] matrix, so it cannot be matrix-multiplied. Use model.W_E_matrix, the "
+        "[channel * patch_h * patch_w, d_model] matrix that maps a flattened patch to the residual stream."
+    )
+
+
+_MATMULS = (torch.matmul, torch.mm, torch.bmm, Tensor.matmul, Tensor.mm, Tensor.__matmul__, Tensor.__rmatmul__)
+
+
+def _plain_tensors(value: Any) -> Any:
+    """``value`` with every PatchEmbeddingKernel in it turned into a plain tensor (same data and graph)."""
+    if isinstance(value, PatchEmbeddingKernel):
+        return value.as_subclass(Tensor)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain_tensors(v) for v in value)
+    return value
+
+
+def check_return_type(return_type: Any, cfg: ViTConfig) -> None:
+    """Raise a ValueError that says what would work if ``return_type`` is not one of :data:`RETURN_TYPES` for ``cfg``."""
+    if return_type in _TEXT_RETURN_TYPES:
+        raise ValueError(
+            f"return_type={return_type!r} is TransformerLens's next-token {return_type}, which images do not have. "
+            "Use return_type='logits' (the model's output) and compute your loss from it."
+        )
+    if not (return_type is None or isinstance(return_type, str)) or return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+    if return_type == "embed" and cfg.d_proj is None:
+        output = f"class logits [batch, {cfg.n_classes}]" if cfg.n_classes else "the pooled representation"
+        raise ValueError(
+            f"return_type='embed' asks for a CLIP image embedding, but {cfg.model_name} has no image projection; its "
+            f"output is {output}: use return_type='logits' for it, or 'pooled'."
+        )
+
+
+def _images_argument(images: Any, input: Any, tokens: Any, model_name: str) -> Any:
+    """The images, whether passed positionally or as TransformerLens's ``input=``; ``tokens=`` is refused."""
+    if tokens is not None:
+        raise TypeError(
+            f"{model_name} takes images, not tokens: pass the [batch, channels, height, width] images positionally "
+            "or as input=. A vision transformer has no token ids; its positions are CLS, registers and patches "
+            "(model.token_labels() names them)."
+        )
+    if input is not None:
+        if images is not None:
+            raise TypeError(f"{model_name} got images twice, positionally and as input=; pass them once.")
+        return input
+    if images is None:
+        raise TypeError(f"{model_name} needs images: model(images) with images [batch, channels, height, width].")
+    return images
+
+
+def _images_of(model_args: tuple, model_kwargs: dict[str, Any]) -> Any:
+    """The images among the arguments of a forward call."""
+    if model_args:
+        return model_args[0]
+    return model_kwargs.get("images", model_kwargs.get("input"))
+
+
+def _check_bwd_hooks_survive(bwd_hooks: HookList | None, reset_hooks_end: bool) -> None:
+    if bwd_hooks and reset_hooks_end:
+        raise ValueError(
+            "Backward hooks would be removed before any backward pass; pass reset_hooks_end=False and call "
+            "model.reset_hooks() after backward(), or use run_with_cache(..., incl_bwd=True, metric=...)."
+        )
+
+
+def image_tower(model: Any) -> HookedViT:
+    """The HookedViT of ``model``: the model itself, or the image tower of a HookedCLIP (or HookedBlip2).
+
+    Every vit_lens function that takes a HookedViT takes a model with a HookedViT image tower
+    through this, so a HookedCLIP is accepted wherever a HookedViT is.
+    """
+    if isinstance(model, HookedViT):
+        return model
+    tower = getattr(model, "vision", None)
+    if isinstance(tower, HookedViT):
+        return tower
+    raise TypeError(
+        f"Expected a vit_lens HookedViT, or a model whose image tower is one (HookedCLIP, HookedBlip2), got "
+        f"{type(model).__name__}. Convert a source model with vit_lens.HookedViT.from_open_clip / from_timm / "
+        "from_hf, or vit_lens.HookedCLIP.from_open_clip."
+    )
+
+
+@contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[None]:
+    """Inside the block no parameter of ``module`` requires a gradient; each gets its flag back after.
+
+    Gradient-based helpers differentiate with respect to activations or the input (attribution
+    patching, feature visualisation); with the weights frozen their backward passes neither
+    compute nor accumulate parameter gradients, on a loaded model whose parameters require grad.
+    """
+    flags = [(param, param.requires_grad) for param in module.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)

@@ -115,7 +115,8 @@ def load_toy_clip(path: str | Path | None = None, device: str | torch.device = "
 
     Images are ``[batch, 3, 64, 64]`` in [0, 1], as :meth:`ToyWorld.sample` draws them (no further
     preprocessing); texts use the world's words (:data:`vit_lens.toy.VOCABULARY`). The weights are
-    stored in float16 and loaded as float32. The model card is ``vit_lens/toy/MODEL_CARD.md``.
+    stored in float16 and loaded as float32, in eval mode with gradients available (parameters
+    require grad, as for every loaded model). The model card is ``vit_lens/toy/MODEL_CARD.md``.
 
     Args:
         path: Another checkpoint written by :func:`save_toy_clip` (default: the shipped one).
@@ -160,4 +161,6 @@ def load_toy_clip(path: str | Path | None = None, device: str | torch.device = "
     model = build_toy_clip(vision_config, json.loads(metadata["text_config"]), seed=None)
     model.load_state_dict(state, strict=True)
     model.card = json.loads(metadata.get("card", "{}"))
-    return model.to(device).eval().requires_grad_(False)
+    # Gradients stay available (eval mode only), as for every loaded model: attribution patching,
+    # run_with_cache(incl_bwd=True) and gradient-based maps differentiate through the weights.
+    return model.to(device).eval()

@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from vit_lens.intervene.decompose import Contributions, direct_contributions, required_hooks
 from vit_lens.methods.textspan.retrieval import ComponentSource, Retrieval, nearest_by_components
+from vit_lens.model.hooked_vit import image_tower
 from vit_lens.utils.progress import progress as progress_bar
 
 _FORMAT = "vit_lens.ComponentAligner/1"
@@ -499,7 +500,7 @@ def alignment_data(
         >>> parts, targets = alignment_data(deit, clip, [images])  # doctest: +SKIP
         >>> parts.values.shape, targets.shape  # ([n, components, 384], [n, 512])  # doctest: +SKIP
     """
-    model = getattr(model, "vision", model)
+    model = image_tower(model)
     encode = getattr(clip, "encode_image", None)
     if encode is None:
         raise TypeError(f"clip must have an encode_image method (a vit_lens.HookedCLIP), got {type(clip).__name__}")

@@ -33,6 +33,7 @@ Example:
 """
 
 from collections.abc import Callable, Iterable
+from vit_lens.model.hooked_vit import image_tower
 from vit_lens.utils.progress import progress as progress_bar
 from dataclasses import dataclass
 from typing import Any
@@ -324,10 +325,7 @@ def cls_isolation_accuracy(
 
 
 def _tower(model: Any) -> Any:
-    tower = getattr(model, "vision", model)
-    if not hasattr(tower, "cfg") or not hasattr(tower, "blocks"):
-        raise TypeError(f"expected a HookedViT or HookedCLIP, got {type(model).__name__}")
-    return tower
+    return image_tower(model)
 
 
 def _check_layer(cfg: Any, layer: Any, function: str, allow_end: bool = False) -> int:

@@ -48,6 +48,7 @@ Example:
 """
 
 from collections.abc import Callable, Iterable, Sequence
+from vit_lens.model.hooked_vit import frozen_parameters, image_tower
 from vit_lens.utils.progress import progress as progress_bar
 from dataclasses import dataclass, field
 from typing import Any
@@ -744,7 +745,8 @@ def visualize(
     tower.eval()
     bar = progress_bar(total=n_steps, desc=f"featureviz {objective.name}", unit="step", enabled=progress, leave=False)
     try:
-        with torch.enable_grad():
+        # Only the image is optimised: frozen weights keep the model's .grad untouched and skip their gradients.
+        with torch.enable_grad(), frozen_parameters(tower):
             for step in range(n_steps):
                 copies = image_module().expand(k, -1, -1, -1)
                 augmented = copies
@@ -960,10 +962,7 @@ def feature_figure(
 
 
 def _tower(model: Any) -> Any:
-    tower = getattr(model, "vision", model)
-    if not hasattr(tower, "cfg") or not hasattr(tower, "hooks"):
-        raise TypeError(f"expected a HookedViT or HookedCLIP, got {type(model).__name__}")
-    return tower
+    return image_tower(model)
 
 
 def _as_images(batch: Any, tower: Any) -> Tensor:

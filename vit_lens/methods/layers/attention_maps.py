@@ -51,6 +51,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from vit_lens.model.hooked_vit import image_tower
+
 OUTLIER_MODES = ("keep", "exclude", "downweight")
 OUTLIER_SITES = ("resid_pre", "resid_post")
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
@@ -641,10 +643,7 @@ def plot_update_norms(norms: UpdateNorms, *, relative: bool = False):
 
 
 def _tower(model: Any) -> Any:
-    tower = getattr(model, "vision", model)
-    if not (hasattr(tower, "cfg") and hasattr(tower, "run_with_hooks") and hasattr(tower, "blocks")):
-        raise TypeError(f"model must be a vit_lens HookedViT or HookedCLIP, got {type(model).__name__}")
-    return tower
+    return image_tower(model)
 
 
 def _check_layer(value: Any, size: int, what: str) -> int:

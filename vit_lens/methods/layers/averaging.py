@@ -49,6 +49,7 @@ from torch import Tensor
 
 from vit_lens.intervene.interventions import average_attention_input, average_layer_output, average_residual_connection
 from vit_lens.intervene.statistics import HookStatistics, compute_hook_statistics
+from vit_lens.model.hooked_vit import image_tower
 from vit_lens.utils.progress import progress as progress_bar
 
 VARIANTS = ("output", "attention_input", "residual")
@@ -411,10 +412,7 @@ def plot_readout_curve(curve: ReadoutCurve, *, title: str | None = None):
 
 
 def _tower(model: Any) -> Any:
-    tower = getattr(model, "vision", model)
-    if not (hasattr(tower, "cfg") and hasattr(tower, "run_with_hooks") and hasattr(tower, "blocks")):
-        raise TypeError(f"model must be a vit_lens HookedViT or HookedCLIP, got {type(model).__name__}")
-    return tower
+    return image_tower(model)
 
 
 def _check_layer(value: Any, n_layers: int) -> int:

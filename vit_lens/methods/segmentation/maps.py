@@ -64,6 +64,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from vit_lens.intervene.decompose import LN_MODES, direct_contributions, required_hooks
+from vit_lens.model.hooked_vit import image_tower
 
 HEATMAP_NORMALIZATIONS = ("mean_over_texts", None)
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -639,10 +640,7 @@ def transform_pair(
 
 
 def _vision_tower(model: Any) -> Any:
-    vision = getattr(model, "vision", model)
-    if not (hasattr(vision, "cfg") and hasattr(vision, "run_with_cache") and hasattr(vision, "blocks")):
-        raise TypeError(f"model must be a vit_lens HookedViT or HookedCLIP, got {type(model).__name__}")
-    return vision
+    return image_tower(model)
 
 
 def _check_directions(vision: Any, directions: Any) -> Tensor:
