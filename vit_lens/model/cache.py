@@ -5,8 +5,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import ActivationCache
 
+from vit_lens.model._transformer_lens import ActivationCache
 from vit_lens.model.hook_layout import hook_axes
 from vit_lens.model.readout import check_affine_readout, check_poolable, normalise, pooling_slice
 
@@ -110,7 +110,7 @@ class VisionActivationCache(ActivationCache):
     def _full_name(self, key: Any) -> str:
         if isinstance(key, str) and key in self.cache_dict:
             return key
-        from transformer_lens.utilities import get_act_name
+        from vit_lens.model._transformer_lens import get_act_name
 
         if not isinstance(key, tuple):
             return get_act_name(key)
@@ -121,7 +121,7 @@ class VisionActivationCache(ActivationCache):
     # ------------------------------------------------------------------ decompositions with ln_pre
 
     def _embed_term(self, pos_slice: Any) -> Float[Tensor, "1 *batch_and_pos d_model"]:
-        from transformer_lens.utilities import Slice
+        from vit_lens.model._transformer_lens import Slice
 
         pos_slice = pos_slice if isinstance(pos_slice, Slice) else Slice(pos_slice)
         return pos_slice.apply(self["blocks.0.hook_resid_pre"], dim=-2)[None]

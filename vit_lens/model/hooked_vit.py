@@ -7,9 +7,8 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import FactoredMatrix, HookedRootModule
-from transformer_lens.hook_points import HookPoint
 
+from vit_lens.model._transformer_lens import FactoredMatrix, HookPoint, HookedRootModule
 from vit_lens.model.hook_checks import CheckedHook, check_hook_signature, unknown_hook_error
 from vit_lens.model.cache import VisionActivationCache
 from vit_lens.model.components import AttentionPool, Embed, Head, LayerNorm, Pool, PosEmbed, TransformerBlock

@@ -1,6 +1,6 @@
 """Small helpers shared by the components."""
 
-from transformer_lens.hook_points import HookPoint
+from vit_lens.model._transformer_lens import HookPoint
 
 
 def is_hooked(*points: HookPoint) -> bool:

@@ -4,9 +4,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens import FactoredMatrix
-from transformer_lens.hook_points import HookPoint
 
+from vit_lens.model._transformer_lens import FactoredMatrix, HookPoint
 from vit_lens.model.components._hooks import is_hooked
 from vit_lens.model.components.norm import LayerNorm
 

@@ -2,8 +2,8 @@
 
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint
 
+from vit_lens.model._transformer_lens import HookPoint
 from vit_lens.model.components.attention import Attention
 from vit_lens.model.components.mlp import MLP
 from vit_lens.model.components.norm import LayerNorm

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint
 
+from vit_lens.model._transformer_lens import HookPoint
 from vit_lens.model.components.norm import LayerNorm
 
 

@@ -3,8 +3,8 @@
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint
 
+from vit_lens.model._transformer_lens import HookPoint
 from vit_lens.model.components._hooks import is_hooked
 from vit_lens.model.components.mlp import MLP
 from vit_lens.model.components.norm import LayerNorm
