@@ -190,7 +190,7 @@ class VisionActivationCache(ActivationCache):
         if final:
             self._check_final_ln_per_token(layer)
         if recompute_ln and final:
-            from transformer_lens.utilities import Slice
+            from vit_lens.model._transformer_lens import Slice
 
             if has_batch_dim:
                 residual_stack = Slice(batch_slice).apply(residual_stack, dim=1)
@@ -374,7 +374,7 @@ class VisionActivationCache(ActivationCache):
                 raise ValueError("logit_attrs(pool=True) pools every position itself; drop pos_slice and batch_slice")
             scaled = self.pool_stack(residual_stack)
         elif model.cfg.final_norm == "none":
-            from transformer_lens.utilities import Slice
+            from vit_lens.model._transformer_lens import Slice
 
             scaled = Slice(batch_slice).apply(residual_stack, dim=1) if has_batch_dim else residual_stack
         else:
