@@ -493,3 +493,20 @@ def test_transformer_lens_attribution_patching_recipe(kind, small_clip, pair):
     close(by_position.values - by_position.baseline_corrupted, resid_attr)
     close(by_head.values - by_head.baseline_corrupted, head_attr)
     assert resid_attr.abs().max() > 1e-3
+
+
+def test_textspan_on_text_embeddings_of_a_loaded_model_builds_no_graph(toy_clip):
+    """Embeddings from a model whose weights require grad are data to TextSpan: no graph, no warning."""
+    import warnings
+
+    from vit_lens.methods.textspan.textspan import textspan
+
+    pool = toy_clip.encode_text(["red object", "green object", "blue object", "small object", "large object"],
+                                normalize=True)
+    assert pool.requires_grad
+    outputs = torch.randn(40, 2, generator=torch.Generator().manual_seed(0)) @ pool[:2].detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a tensor that requires grad becomes a float
+        result = textspan(outputs, pool, n_texts=2)
+    assert sorted(result.indices.tolist()) == [0, 1]
+    assert not result.basis.requires_grad and not result.mean.requires_grad

@@ -597,7 +597,9 @@ def _as_matrix(value: Any, name: str) -> Tensor:
         raise ValueError(f"{name} must be a 2-D tensor, got shape {tuple(value.shape)}")
     if not value.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {value.dtype}")
-    return value
+    # Fixed data: embeddings computed by a model whose weights require grad (loaded models do) would
+    # otherwise drag an autograd graph through every greedy step.
+    return value.detach()
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
