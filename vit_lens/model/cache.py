@@ -1,5 +1,6 @@
 """VisionActivationCache: TransformerLens's ActivationCache, aware of prefix tokens and the patch grid."""
 
+import numbers
 from typing import Any
 
 import torch
@@ -7,6 +8,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vit_lens.model._transformer_lens import ActivationCache
+from vit_lens.model.hook_checks import missing_activation_error
 from vit_lens.model.hook_layout import hook_axes
 from vit_lens.model.readout import check_affine_readout, check_poolable, normalise, pooling_slice
 
@@ -118,6 +120,51 @@ class VisionActivationCache(ActivationCache):
             key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
         return get_act_name(*key)
 
+    def __getitem__(self, key: Any) -> Tensor:
+        """``cache[name]`` or TransformerLens's shorthand (``cache["pattern", 3]``).
+
+        A name the cache does not hold raises a KeyError that says why and what would work: how
+        to cache a hook point the run left out, the closest cached names for a misspelling.
+        """
+        try:
+            return super().__getitem__(key)
+        except (KeyError, TypeError):  # TypeError: a key that is neither a name nor a shorthand tuple
+            try:
+                name = self._full_name(key)
+            except (TypeError, ValueError, AttributeError, IndexError):
+                name = None
+            model = self.model
+            raise missing_activation_error(key, name, self.cache_dict, model.hook_dict, model.cfg.n_layers) from None
+
+    def _check_layer(self, layer: Any, method: str, mlp_input: bool = False, lowest: int = 0) -> None:
+        """Refuse a ``layer`` that TransformerLens's helpers would turn into a KeyError or a silent wrong stack.
+
+        ``layer`` is the residual stream entering that block: ``lowest`` to ``n_layers``
+        (``n_layers``, -1 and None: after the last block); with ``mlp_input`` it is the block
+        whose MLP input is meant, 0 to ``n_layers - 1``.
+        """
+        n = self.model.cfg.n_layers
+        is_int = isinstance(layer, numbers.Integral) and not isinstance(layer, bool)
+        if mlp_input:
+            if is_int and 0 <= layer < n:
+                return
+            valid = f"with mlp_input=True, layer is the block whose MLP input is meant: 0 to {n - 1}"
+        else:
+            if layer is None or (is_int and (layer == -1 or lowest <= layer <= n)):
+                return
+            valid = f"layer is the residual stream entering that block, {lowest} to {n} ({n}, -1, None: the end)"
+        raise ValueError(f"{method}(layer={layer!r}): {self.model.cfg.model_name} has {n} blocks; {valid}.")
+
+    def stack_head_results(self, layer: int | None = -1, *args: Any, **kwargs: Any):
+        """TransformerLens's ``stack_head_results``: every head's output before block ``layer``."""
+        self._check_layer(layer, "stack_head_results")
+        return super().stack_head_results(layer, *args, **kwargs)
+
+    def stack_activation(self, activation_name: str, layer: int | None = -1, *args: Any, **kwargs: Any):
+        """TransformerLens's ``stack_activation``: ``activation_name`` of every block before ``layer``."""
+        self._check_layer(layer, "stack_activation", lowest=1)  # a stack of no blocks fails in TransformerLens
+        return super().stack_activation(activation_name, layer, *args, **kwargs)
+
     # ------------------------------------------------------------------ decompositions with ln_pre
 
     def _embed_term(self, pos_slice: Any) -> Float[Tensor, "1 *batch_and_pos d_model"]:
@@ -130,10 +177,15 @@ class VisionActivationCache(ActivationCache):
                         apply_ln: bool = False, pos_slice: Any = None, incl_embeds: bool = True,
                         return_labels: bool = False):
         """TransformerLens's ``decompose_resid``; with ``ln_pre`` the first term is ``ln_pre``'s output."""
-        components, labels = super().decompose_resid(
-            layer, mlp_input=mlp_input, mode=mode, apply_ln=False, pos_slice=pos_slice,
-            incl_embeds=incl_embeds, return_labels=True,
-        )
+        self._check_layer(layer, "decompose_resid", mlp_input)
+        if layer == 0 and not mlp_input and incl_embeds and self._has_ln_pre_embed:
+            # Before block 0 only the embedding term exists, and TransformerLens's stack of no terms fails.
+            components, labels = self._embed_term(pos_slice)[:0], []
+        else:
+            components, labels = super().decompose_resid(
+                layer, mlp_input=mlp_input, mode=mode, apply_ln=False, pos_slice=pos_slice,
+                incl_embeds=incl_embeds, return_labels=True,
+            )
         if incl_embeds and self._has_ln_pre_embed:
             components = torch.cat([self._embed_term(pos_slice), components])
             labels = ["embed"] + labels
@@ -150,6 +202,7 @@ class VisionActivationCache(ActivationCache):
         With ``ln_pre`` the embedding terms are replaced by one ``"embed"`` term placed where
         TransformerLens puts ``embed`` (just before ``"bias"``).
         """
+        self._check_layer(layer, "get_full_resid_decomposition", mlp_input)
         if apply_ln:
             self._check_final_ln_per_token(layer)
         if expand_neurons:
@@ -186,6 +239,7 @@ class VisionActivationCache(ActivationCache):
         instead (the logit lens). A final LayerNorm that acts on the pooled vector (timm's
         ``fc_norm``) cannot be applied per token and is refused: :meth:`pool_stack` applies it.
         """
+        self._check_layer(layer, "apply_ln_to_stack", mlp_input)
         final = layer in (None, -1, self.model.cfg.n_layers)
         if final:
             self._check_final_ln_per_token(layer)
@@ -223,6 +277,7 @@ class VisionActivationCache(ActivationCache):
         contributions written before that layer, so consecutive differences are the layers'
         direct logit attributions (:meth:`logit_attrs` of :meth:`decompose_resid`).
         """
+        self._check_layer(layer, "accumulated_resid", mlp_input)
         components, labels = super().accumulated_resid(
             layer, incl_mid=incl_mid, apply_ln=False, pos_slice=pos_slice, mlp_input=mlp_input, return_labels=True,
         )
@@ -388,6 +443,8 @@ class VisionActivationCache(ActivationCache):
 
     def stack_neuron_results(self, *args: Any, **kwargs: Any):
         """TransformerLens's per-neuron stack (``hook_post * W_out``); refused where that is not the MLP's output."""
+        layer = args[0] if args else kwargs.get("layer")
+        self._check_layer(layer, "stack_neuron_results", kwargs.get("mlp_input", False))
         self._check_neurons_are_post_times_w_out()
         return super().stack_neuron_results(*args, **kwargs)
 

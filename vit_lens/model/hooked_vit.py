@@ -1,7 +1,10 @@
 """HookedViT: a vision transformer with a TransformerLens hook point on every activation."""
 
+import functools
+import numbers
+import threading
 from contextlib import contextmanager
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -9,17 +12,36 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from vit_lens.model._transformer_lens import FactoredMatrix, HookPoint, HookedRootModule
-from vit_lens.model.hook_checks import CheckedHook, check_hook_signature, unknown_hook_error
+from vit_lens.model.hook_checks import (
+    CheckedHook,
+    InPlaceEditGuard,
+    check_hook_signature,
+    describe,
+    hook_pairs,
+    unknown_hook_error,
+)
 from vit_lens.model.cache import VisionActivationCache
 from vit_lens.model.components import AttentionPool, Embed, Head, LayerNorm, Pool, PosEmbed, TransformerBlock
 from vit_lens.model.components._hooks import is_hooked
 from vit_lens.model.config import ViTConfig
 
-HookList = Sequence[tuple[str | Callable[[str], bool], Callable]]
+# fwd_hooks / bwd_hooks: TransformerLens's list of (name or name filter, fn) pairs, or a dict {name: fn}.
+HookList = Sequence[tuple[str | Callable[[str], bool], Callable]] | Mapping[str | Callable[[str], bool], Callable]
 # What forward, run_with_hooks and run_with_cache return (TransformerLens's ``return_type``).
 RETURN_TYPES = ("logits", "embed", "pooled", None)
 # Text-model return types that have no meaning for images; refused with a pointer to "logits".
 _TEXT_RETURN_TYPES = ("loss", "both", "predictions", "str")
+
+
+def _one_run_at_a_time(forward: Callable) -> Callable:
+    """``forward`` holding the model's run lock, so that it never runs under another thread's temporary hooks."""
+
+    @functools.wraps(forward)
+    def locked(self, *args: Any, **kwargs: Any) -> Any:
+        with self._run_lock:
+            return forward(self, *args, **kwargs)
+
+    return locked
 
 
 class HookedViT(HookedRootModule):
@@ -75,6 +97,7 @@ class HookedViT(HookedRootModule):
 
     def __init__(self, cfg: ViTConfig | dict):
         super().__init__()
+        self._run_lock = threading.RLock()
         cfg = ViTConfig(**cfg) if isinstance(cfg, dict) else cfg
         self.cfg = cfg
         self.embed = Embed(cfg)
@@ -101,6 +124,16 @@ class HookedViT(HookedRootModule):
             self.hook_logits = HookPoint()  # [batch, n_classes]
         self.setup()
         self.cfg.device = self.embed.W_E.device
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and ``copy.deepcopy`` support: a lock cannot be copied, so a copy gets its own."""
+        state = super().__getstate__()
+        state.pop("_run_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._run_lock = threading.RLock()
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HookedViT":
         """``nn.Module._apply`` (behind ``to``, ``cuda``, ``half``, ...), keeping ``cfg.device`` where the weights are."""
@@ -227,6 +260,7 @@ class HookedViT(HookedRootModule):
 
     # ------------------------------------------------------------------ forward
 
+    @_one_run_at_a_time
     def forward(
         self,
         images: Any = None,  # validated below with directed messages, as are the keywords
@@ -324,6 +358,11 @@ class HookedViT(HookedRootModule):
             )
         if images.ndim != 4:
             raise ValueError(f"HookedViT takes images {expected}, got a {images.ndim}-d tensor {tuple(images.shape)}.")
+        if images.shape[0] == 0:
+            raise ValueError(
+                f"HookedViT got an empty batch, shape {tuple(images.shape)}; pass at least one image "
+                f"{expected} (skip the call for an empty batch)."
+            )
         if images.shape[1] != cfg.in_channels:
             hint = " Channels-last? Use images.permute(0, 3, 1, 2)." if images.shape[-1] == cfg.in_channels else ""
             raise ValueError(
@@ -348,18 +387,24 @@ class HookedViT(HookedRootModule):
                     f"{size[0]}x{size[1]}. Resize the images, or convert with dynamic_img_size=True to "
                     "resample the position embeddings for other sizes."
                 )
-            if size[0] % cfg.patch_size[0] or size[1] % cfg.patch_size[1]:
+            if size[0] % cfg.patch_size[0] or size[1] % cfg.patch_size[1] or 0 in size:
                 raise ValueError(
-                    f"Image size {size[0]}x{size[1]} is not a multiple of the patch size "
+                    f"Image size {size[0]}x{size[1]} is not a positive multiple of the patch size "
                     f"{cfg.patch_size[0]}x{cfg.patch_size[1]}; resize or crop it to a multiple."
                 )
 
-    def _check_stop_at_layer(self, stop_at_layer: int | None) -> int | None:
+    def _check_stop_at_layer(self, stop_at_layer: Any) -> int | None:
         if stop_at_layer is None:
             return None
         n = self.cfg.n_layers
-        if not isinstance(stop_at_layer, int) or not -n <= stop_at_layer <= n:
-            raise ValueError(f"stop_at_layer must be an int in [-{n}, {n}], got {stop_at_layer!r}")
+        is_layer = isinstance(stop_at_layer, numbers.Integral) and not isinstance(stop_at_layer, bool)
+        if not is_layer or not -n <= stop_at_layer <= n:
+            what = f"{stop_at_layer!r}, a bool" if isinstance(stop_at_layer, bool) else repr(stop_at_layer)
+            raise ValueError(
+                f"stop_at_layer must be an int in [-{n}, {n}] (return the residual stream entering that block) "
+                f"or None (run the whole tower), got {what}"
+            )
+        stop_at_layer = int(stop_at_layer)
         return stop_at_layer % n if stop_at_layer < 0 else stop_at_layer
 
     # ------------------------------------------------------------------ hooks and cache
@@ -387,17 +432,29 @@ class HookedViT(HookedRootModule):
             names = [n for n in self.hook_dict if name(n)]
         else:
             raise TypeError(f"A hook's name must be a hook point name or a filter function, got {type(name).__name__}")
-        for hook_name in names:
-            check_hook_signature(hook, hook_name)
-            self.check_and_add_hook(
-                self.hook_dict[hook_name],
-                hook_name,
-                CheckedHook(hook, hook_name),
-                dir=dir,
-                is_permanent=is_permanent,
-                level=level,
-                prepend=prepend,
-            )
+        with self._run_lock:  # never while another thread's hooked run is in flight
+            for hook_name in names:
+                check_hook_signature(hook, hook_name)
+                self.check_and_add_hook(
+                    self.hook_dict[hook_name],
+                    hook_name,
+                    CheckedHook(hook, hook_name),
+                    dir=dir,
+                    is_permanent=is_permanent,
+                    level=level,
+                    prepend=prepend,
+                )
+
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: Literal["fwd", "bwd", "both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """TransformerLens's ``reset_hooks``, waiting for another thread's hooked run to finish first."""
+        with self._run_lock:
+            super().reset_hooks(clear_contexts, direction, including_permanent, level)
 
     def _resolve_hook_name(self, name: str) -> str:
         if name in self.hook_dict:
@@ -414,21 +471,59 @@ class HookedViT(HookedRootModule):
     ):
         """Context manager that adds temporary hooks and removes them on exit (nested contexts work).
 
+        ``fwd_hooks`` / ``bwd_hooks``: a list of ``(name, fn)`` pairs (``name`` a hook point name or
+        a filter function), or a dict ``{name: fn}``. The hooks added here are removed on exit
+        (unless ``reset_hooks_end=False``) even when the body raises, including the hooks of
+        re-entrant runs inside it whose own clean-up a RecursionError cut short.
+
+        Threads: the context holds the model's run lock (re-entrant), and so does every forward
+        pass, so a hooked run and a plain forward in another thread take turns: the other thread
+        never runs under these temporary hooks, and a cache never receives another thread's
+        activations. One lock per model is the simplest rule that is correct for every hook:
+        thread-local hooks would still let one thread's hooks switch the other's forward onto the
+        explicit attention and LayerNorm paths (which differ in the last bits). A hook may call
+        the model again on the same thread. Hooks added with ``add_hook`` outside a context
+        (``is_permanent=True`` or not) apply to every thread, as in TransformerLens. For parallel
+        inference, give each thread its own model (``copy.deepcopy(model)``).
+
         Example:
             >>> with model.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p * 0.5)]):
             ...     out = model(images)  # doctest: +SKIP
         """
-        self.context_level += 1
-        try:
-            for name, hook in fwd_hooks or ():
-                self.add_hook(name, hook, dir="fwd", level=self.context_level)
-            for name, hook in bwd_hooks or ():
-                self.add_hook(name, hook, dir="bwd", level=self.context_level)
-            yield self
-        finally:
-            if reset_hooks_end:
-                self.reset_hooks(clear_contexts, including_permanent=False, level=self.context_level)
-            self.context_level -= 1
+        fwd_pairs, bwd_pairs = hook_pairs(fwd_hooks, "fwd_hooks"), hook_pairs(bwd_hooks, "bwd_hooks")
+        with self._run_lock:
+            level = self.context_level + 1
+            self.context_level = level
+            try:
+                for name, hook in fwd_pairs:
+                    self.add_hook(name, hook, dir="fwd", level=level)
+                for name, hook in bwd_pairs:
+                    self.add_hook(name, hook, dir="bwd", level=level)
+                yield self
+            except BaseException:
+                if reset_hooks_end:
+                    # Deep in re-entrant runs a RecursionError can interrupt the clean-up of the contexts
+                    # opened inside this one; this frame has the stack to remove their hooks too.
+                    self._remove_context_hooks(level, clear_contexts)
+                raise
+            else:
+                if reset_hooks_end:
+                    self.reset_hooks(clear_contexts, including_permanent=False, level=level)
+            finally:
+                self.context_level = level - 1
+
+    def _remove_context_hooks(self, from_level: int, clear_contexts: bool) -> None:
+        """Remove the temporary hooks of context ``from_level`` and of every context opened inside it."""
+        levels = {
+            handle.context_level
+            for point in self.hook_dict.values()
+            for handle in [*point.fwd_hooks, *point.bwd_hooks]
+            if not handle.is_permanent and handle.context_level is not None and handle.context_level >= from_level
+        }
+        for level in sorted(levels, reverse=True):
+            self.reset_hooks(False, including_permanent=False, level=level)
+        if clear_contexts:
+            self.clear_contexts()
 
     def run_with_hooks(
         self,
@@ -534,9 +629,10 @@ class HookedViT(HookedRootModule):
             names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
         )
         # User hooks go first so that the cache records what actually flowed on.
-        all_fwd = list(fwd_hooks or ()) + cache_fwd
-        all_bwd = list(bwd_hooks or ()) + cache_bwd
+        all_fwd = hook_pairs(fwd_hooks, "fwd_hooks") + cache_fwd
+        all_bwd = hook_pairs(bwd_hooks, "bwd_hooks") + cache_bwd
         with self.hooks(all_fwd, all_bwd, reset_hooks_end, clear_contexts):
+            self._guard_cache_against_in_place_edits(cache_dict, names_filter)
             out = call(*model_args, **model_kwargs)
             if incl_bwd:
                 target = metric(out) if metric is not None else out
@@ -561,8 +657,26 @@ class HookedViT(HookedRootModule):
         """The patch grid (rows, columns) of ``images``."""
         return (images.shape[-2] // self.cfg.patch_size[0], images.shape[-1] // self.cfg.patch_size[1])
 
+    def _guard_cache_against_in_place_edits(self, cache: dict[str, Tensor], names_filter: Callable[[str], bool]):
+        """Attach an :class:`InPlaceEditGuard` first at every hook point where a hook other than the cache's runs.
+
+        A cache must hold what the model computed at each point even when a later hook edits its
+        tensor in place (``blocks.1.hook_resid_pre`` is the tensor cached as
+        ``blocks.0.hook_resid_post``). Where only the cache's own hooks run (a plain
+        ``run_with_cache``) nothing can edit, and nothing is attached or copied.
+        """
+        edited = [point for name, point in self.hook_dict.items() if len(point.fwd_hooks) > bool(names_filter(name))]
+        if edited:
+            guard = InPlaceEditGuard(cache)
+            for point in edited:
+                point.add_hook(guard, dir="fwd", level=self.context_level, prepend=True)
 
     def _normalise_names_filter(self, names_filter: Any) -> Callable[[str], bool]:
+        """``names_filter`` as a function of the hook name; names are checked, and a function must match a hook point.
+
+        An empty list caches nothing, on purpose; a function that matches no hook point raises,
+        since an empty cache from a filter is almost always a mistyped name.
+        """
         if names_filter is None:
             # With a LayerNorm on z, per-head results cannot be derived from hook_z alone: cache them.
             if self.cfg.use_attn_result or self.cfg.attn_norm:
@@ -574,6 +688,13 @@ class HookedViT(HookedRootModule):
             wanted = {self._resolve_hook_name(name) for name in names_filter}
             return lambda name: name in wanted
         if callable(names_filter):
+            if not any(names_filter(name) for name in self.hook_dict):
+                raise ValueError(
+                    f"names_filter {describe(names_filter)} matches none of the model's {len(self.hook_dict)} hook "
+                    "points, so the cache would be empty. Hook names look like 'blocks.0.attn.hook_pattern' or "
+                    "'blocks.0.hook_resid_post' (model.hook_dict lists them all); pass names_filter=[] to cache "
+                    "nothing on purpose."
+                )
             return names_filter
         raise TypeError(
             f"names_filter must be a hook name, a list of hook names or a function of the name, "
@@ -619,7 +740,6 @@ class HookedViT(HookedRootModule):
         has one, is the patch's row of ``hook_embed``.
         """
         return self.embed.W_E.flatten(1).T
-
 
     @property
     def W_pos(self) -> Float[Tensor, "n_pos d_model"]:
