@@ -572,9 +572,13 @@ class HookedViT(HookedRootModule):
                 hook point except ``attn.hook_result`` (unless ``cfg.use_attn_result``): per-head
                 results are derived from ``hook_z`` on demand by the cache. Models with a
                 LayerNorm on z (``cfg.attn_norm``, EVA-CLIP) cache ``hook_result`` too, since
-                it cannot be derived from ``hook_z`` alone.
-            fwd_hooks, bwd_hooks: Interventions active during the run; the cache records the
-                activations as edited.
+                it cannot be derived from ``hook_z`` alone. A name that is no hook point raises
+                with the closest names, and so does a function that matches none; ``[]`` caches
+                nothing.
+            fwd_hooks, bwd_hooks: Interventions active during the run (``[(name, fn), ...]`` or
+                ``{name: fn}``); the cache records the activations as edited, each where the
+                edit happened: an in-place edit at a later point never rewrites an entry cached
+                earlier (those that share memory with the edited tensor are copied first).
             incl_bwd: Also cache gradients (``<name>_grad``) of ``metric(output)`` (or of the
                 output itself if it is a scalar). Needs autograd on and something to differentiate:
                 parameters that require grad (loaded models do) or images that do.
