@@ -205,6 +205,8 @@ def test_factored_matrices_are_the_installed_class(model):
     assert_rel_close(ov.AB, model.W_V @ model.W_O, rtol=1e-6, what="OV")
 
 
+# SAELens 6 warns on its own constructor argument use_error_term=True (it sets the deprecated attribute).
+@pytest.mark.filterwarnings("ignore:Setting use_error_term directly on SAE is deprecated:DeprecationWarning")
 def test_sae_lens_shares_the_environment_and_splices_into_a_hooked_vit(model, two_batches):
     sae_lens = pytest.importorskip("sae_lens")
     assert int(version("sae-lens").split(".")[0]) == 6
