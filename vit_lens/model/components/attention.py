@@ -1,7 +1,9 @@
 """Multi-head self-attention with every TransformerLens hook point."""
 
+import einops
 import torch
 import torch.nn.functional as F
+from fancy_einsum import einsum
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -102,8 +104,10 @@ class Attention(nn.Module):
         batch, pos, d_model = x.shape
         h, dh = self.n_heads, self.d_head
         # One matmul for q, k and v, as the source models do.
-        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V]).permute(1, 0, 2).reshape(d_model, 3 * h * dh)
-        b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V]).reshape(3 * h * dh)
+        w_qkv = einops.rearrange(
+            torch.stack([self.W_Q, self.W_K, self.W_V]), "qkv head d_model d_head -> d_model (qkv head d_head)"
+        )
+        b_qkv = einops.rearrange(torch.stack([self.b_Q, self.b_K, self.b_V]), "qkv head d_head -> (qkv head d_head)")
         qkv = torch.addmm(b_qkv, x.reshape(batch * pos, d_model), w_qkv).view(batch, pos, 3, h, dh)
         q = self.hook_q(qkv[:, :, 0])
         k = self.hook_k(qkv[:, :, 1])
@@ -113,16 +117,18 @@ class Attention(nn.Module):
             k = self.hook_rot_k(apply_rotary(k, rotary, self.n_prefix_tokens, self.rotary))
         q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.needs_pattern():
-            scores = self.hook_attn_scores(torch.matmul(q_t, k_t.transpose(-1, -2)) * self.scale)
-            pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
-            z = torch.matmul(pattern, v_t)
+            scores = einsum("batch head query d_head, batch head key d_head -> batch head query key", q_t, k_t)
+            pattern = self.hook_pattern(torch.softmax(self.hook_attn_scores(scores * self.scale), dim=-1))
+            z = einsum("batch head query key, batch head key d_head -> batch head query d_head", pattern, v_t)
         else:
             z = F.scaled_dot_product_attention(q_t, k_t, v_t)
         z = self.hook_z(z.transpose(1, 2))
         if self.ln_z is not None:
             z = self.ln_z(z.reshape(batch, pos, h * dh)).view(batch, pos, h, dh)
         if is_hooked(self.hook_result):
-            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            result = self.hook_result(
+                einsum("batch pos head d_head, head d_head d_model -> batch pos head d_model", z, self.W_O)
+            )
             return result.sum(dim=2) + self.b_O
         out = torch.addmm(self.b_O, z.reshape(batch * pos, h * dh), self.W_O.reshape(h * dh, -1))
         return out.view(batch, pos, -1)

@@ -1,6 +1,7 @@
 """Pooling of the final tokens (including attention pooling) and the classification head."""
 
 import torch
+from fancy_einsum import einsum
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -111,19 +112,21 @@ class AttentionPool(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch d_model"]:
         batch = x.shape[0]
-        q = torch.einsum("m,hmd->hd", self.latent, self.W_Q) + self.b_Q
+        q = einsum("d_model, head d_model d_head -> head d_head", self.latent, self.W_Q) + self.b_Q
         q = self.hook_q(q[None, None].expand(batch, 1, -1, -1).clone())
-        k = self.hook_k(torch.einsum("bpm,hmd->bphd", x, self.W_K) + self.b_K)
-        v = self.hook_v(torch.einsum("bpm,hmd->bphd", x, self.W_V) + self.b_V)
+        k = self.hook_k(einsum("batch pos d_model, head d_model d_head -> batch pos head d_head", x, self.W_K) + self.b_K)
+        v = self.hook_v(einsum("batch pos d_model, head d_model d_head -> batch pos head d_head", x, self.W_V) + self.b_V)
         q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if is_hooked(self.hook_attn_scores, self.hook_pattern):
-            scores = self.hook_attn_scores(torch.matmul(q_t, k_t.transpose(-1, -2)) * self.scale)
-            z = torch.matmul(self.hook_pattern(torch.softmax(scores, dim=-1)), v_t)
+            scores = einsum("batch head query d_head, batch head key d_head -> batch head query key", q_t, k_t)
+            pattern = self.hook_pattern(torch.softmax(self.hook_attn_scores(scores * self.scale), dim=-1))
+            z = einsum("batch head query key, batch head key d_head -> batch head query d_head", pattern, v_t)
         else:
             z = torch.nn.functional.scaled_dot_product_attention(q_t, k_t, v_t)
         z = self.hook_z(z.transpose(1, 2))  # [batch, 1, head, d_head]
         if is_hooked(self.hook_result):
-            attn_out = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O)).sum(dim=2)[:, 0] + self.b_O
+            result = einsum("batch query head d_head, head d_head d_model -> batch query head d_model", z, self.W_O)
+            attn_out = self.hook_result(result).sum(dim=2)[:, 0] + self.b_O
         else:
             attn_out = z.reshape(batch, -1) @ self.W_O.reshape(-1, self.W_O.shape[-1]) + self.b_O
         attn_out = self.hook_attn_out(attn_out)
