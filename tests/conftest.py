@@ -10,6 +10,12 @@ import torch  # noqa: E402
 
 from vit_lens import HookedViT, ViTConfig  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: each worker (and every kernel or CLI it starts) on one thread,
+    # since two workers of two threads each on a 2-core machine oversubscribe it and every test waits.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, in float64."""
