@@ -16,9 +16,9 @@ Supporting both majors lets vit_lens share an environment with SAELens 6.x, whic
 transformer-lens < 4.
 """
 
+from collections.abc import Callable
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
-from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
