@@ -28,6 +28,14 @@ def test_quick_start_decomposition_and_interventions_blocks_run(tmp_path, monkey
     assert not torch.equal(namespace["masked"], namespace["embed"])
 
 
+def test_transformer_lens_readout_block_runs():
+    namespace: dict = {}
+    exec(compile(first_python_block("## Coming from TransformerLens"), "README.md readout", "exec"), namespace)
+    assert namespace["attrs"].shape == (namespace["model"].cfg.n_layers * namespace["model"].cfg.n_heads + 1, 16)
+    assert namespace["accuracy_by_layer"].shape == (namespace["model"].cfg.n_layers + 1,)
+    assert namespace["accuracy_by_layer"][-1] >= 0.9  # the toy CLIP reads shape at its output (99% on fresh images)
+
+
 def test_toy_and_textspan_blocks_run():
     namespace: dict = {}
     exec(compile(first_python_block("## The built-in toy world"), "README.md toy", "exec"), namespace)
