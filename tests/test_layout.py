@@ -109,6 +109,16 @@ def test_short_name_submodule_is_not_a_second_copy():
     assert via_short is importlib.import_module("vit_lens.methods.textspan.pools.generate")
 
 
+def test_short_name_keeps_the_real_modules_spec():
+    """importlib.resources and pickling read ``__spec__``: importing by the short name must not replace it."""
+    import importlib.resources
+
+    import vit_lens.pools as via_short
+
+    assert via_short.__spec__.name == "vit_lens.methods.textspan.pools"
+    assert (importlib.resources.files(via_short) / "general_descriptions.txt").is_file()
+
+
 def _documented_imports() -> list[str]:
     """Every ``from vit_lens... import ...`` / ``import vit_lens...`` in the README, the docs and the tutorials."""
     texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

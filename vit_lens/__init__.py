@@ -97,10 +97,13 @@ class _ShortNameFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self, is_package=importlib.util.find_spec(real).submodule_search_locations is not None)
 
     def create_module(self, spec):
-        return importlib.import_module(self._target(spec.name))
+        module = importlib.import_module(self._target(spec.name))
+        spec.loader_state = module.__spec__  # the import system overwrites __spec__ next; exec_module restores it
+        return module
 
     def exec_module(self, module) -> None:
-        """The real module has already run."""
+        """The real module has already run: only give it back its own spec (resources, reloads, pickling)."""
+        module.__spec__ = module.__spec__.loader_state
 
 
 if not any(isinstance(finder, _ShortNameFinder) for finder in sys.meta_path):
