@@ -59,6 +59,21 @@ def test_an_unknown_model_is_one_line_and_a_non_zero_exit_from_the_installed_com
     assert "Unknown model 'ViT-B-99'. Did you mean: ViT-B-32" in result.stderr
 
 
+def test_pretrained_weights_that_cannot_be_downloaded_are_one_error_line(capsys, tmp_path, monkeypatch):
+    """The issue's 61 lines of three chained tracebacks for `--pretrained` offline: now one line and the hint."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32), "orange").save(image)
+    argv = ["demo", "--model", "timm:vit_tiny_patch16_224", "--pretrained", "augreg_in21k", "--image", str(image),
+            "--out", str(tmp_path / "report.html")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[1] == "(add --debug to see the traceback)", err
+    assert "HubUnavailableError" in err[0] and "vit_tiny_patch16_224" in err[0] and "HF_HUB_OFFLINE=1" in err[0]
+
+
 def test_debug_shows_the_traceback(capsys):
     assert main(["check", "--model", "timm:vit_tiny_patch16_225"]) == 1
     err = capsys.readouterr().err.splitlines()
