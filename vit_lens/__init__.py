@@ -121,4 +121,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+    """The public names (what tab completion shows), not this module's own imports."""
+    return sorted({*__all__, "SHORT_NAMES", "__version__"})
