@@ -40,6 +40,7 @@ projects each head's value vectors onto them before expanding over tokens.
 from dataclasses import dataclass, field
 
 import torch
+from fancy_einsum import einsum
 from jaxtyping import Float
 from torch import Tensor
 
@@ -217,7 +218,9 @@ def direct_contributions(
         expand = layer in expanded
         if expand and level == "head":
             z = builder.pool_positions(_head_outputs(model, cache, layer))  # [batch, readout, head, d_head]
-            per_head = torch.einsum("brhd,hdm->brhm", z, attn.W_O)
+            per_head = einsum(
+                "batch readout head d_head, head d_head d_model -> batch readout head d_model", z, attn.W_O
+            )
             builder.add_many([f"L{layer}H{h}" for h in range(cfg.n_heads)], per_head, layer, range(cfg.n_heads))
             builder.add_output_bias(attn.b_O, split=cfg.n_heads)
         elif expand and level == "head_token":
@@ -357,7 +360,7 @@ def _readout_mixers(model) -> Float[Tensor, "readout d_model d_model"] | None:
     if model.cfg.pool_type != "map":
         return None
     pool = model.attn_pool
-    return torch.einsum("rmd,rdn->rmn", pool.W_V, pool.W_O)
+    return einsum("head d_model d_head, head d_head d_out -> head d_model d_out", pool.W_V, pool.W_O)
 
 
 def _readout_bias(model) -> Float[Tensor, "d_repr"]:
@@ -367,7 +370,7 @@ def _readout_bias(model) -> Float[Tensor, "d_repr"]:
     bias = model.ln_final.b if model.ln_final is not None else torch.zeros_like(projection[:, 0])
     if mixers is not None:
         pool = model.attn_pool
-        bias = bias @ mixers.sum(0) + torch.einsum("rd,rdm->m", pool.b_V, pool.W_O) + pool.b_O
+        bias = bias @ mixers.sum(0) + einsum("head d_head, head d_head d_model -> d_model", pool.b_V, pool.W_O) + pool.b_O
     bias = bias @ projection
     if model.cfg.proj_bias:
         bias = bias + model.b_proj
@@ -390,10 +393,10 @@ def _representation(model, cache: VisionActivationCache) -> Float[Tensor, "batch
         return cache["hook_pooled"]
     resid = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
     alpha = _readout_over_scale(model, cache)[:, 0]
-    pooled = torch.einsum("bp,bpd->bd", alpha, resid)
+    pooled = einsum("batch pos, batch pos d_model -> batch d_model", alpha, resid)
     if model.ln_final is None:
         return pooled @ _projection(model)
-    mean = torch.einsum("bp,bp->b", alpha, resid.mean(-1))
+    mean = einsum("batch pos, batch pos -> batch", alpha, resid.mean(-1))
     return ((pooled - mean[:, None]) * model.ln_final.w + model.ln_final.b) @ _projection(model)
 
 
@@ -413,7 +416,7 @@ class _TermBuilder:
         self.alpha = alpha  # [batch, R, pos]
         self.no_ln = no_ln
         mixers = _readout_mixers(model)
-        readouts = no_ln[None] if mixers is None else torch.einsum("rmn,no->rmo", mixers, no_ln)
+        readouts = no_ln[None] if mixers is None else einsum("readout d_model d_mid, d_mid d_out -> readout d_model d_out", mixers, no_ln)
         ln = model.ln_final
         self.project = ln.w[None, :, None] * readouts if ln is not None else readouts  # [R, d_model, d_out]
         self.centred = self.project - self.project.mean(dim=1, keepdim=True) if ln is not None else readouts
@@ -437,19 +440,19 @@ class _TermBuilder:
         self.meta += meta
 
     def add(self, label: str, vector: Tensor, layer: int = -1) -> None:
-        self._group([label], torch.einsum("brm,rmo->bo", vector, self.matrix)[:, None], [(layer, -1, -1, -1)])
+        self._group([label], einsum("batch readout d_model, readout d_model d_out -> batch d_out", vector, self.matrix)[:, None], [(layer, -1, -1, -1)])
 
     def add_direct(self, label: str, term: Float[Tensor, "batch d_out"]) -> None:
         """A term already in output space (the attention pool's own MLP)."""
         self._group([label], term[:, None], [(-1, -1, -1, -1)])
 
     def add_many(self, labels: list[str], vectors: Tensor, layer: int, heads) -> None:
-        terms = torch.einsum("brnm,rmo->bno", vectors, self.matrix)
+        terms = einsum("batch readout part d_model, readout d_model d_out -> batch part d_out", vectors, self.matrix)
         self._group(labels, terms, [(layer, h, -1, -1) for h in heads])
 
     def add_output_bias(self, bias: Float[Tensor, "d_model"], split: int) -> None:
         """A bias written at every position: to the 'bias' term, or split over the last group (paper)."""
-        pooled = torch.einsum("br,m,rmo->bo", self.alpha.sum(-1), bias, self.matrix)  # [batch, d_out]
+        pooled = einsum("batch readout, d_model, readout d_model d_out -> batch d_out", self.alpha.sum(-1), bias, self.matrix)  # [batch, d_out]
         if self.ln_mode == "center_each":
             self.output_biases = self.output_biases + pooled
         else:
@@ -459,10 +462,12 @@ class _TermBuilder:
         pattern, v = self.cache["pattern", layer], self.cache["v", layer]  # [b, h, q, k], [b, k, h, d_head]
         terms = None
         for readout in range(self.matrix.shape[0]):
-            pooled_row = torch.einsum("bp,bhpk->bhk", self.alpha[:, readout], pattern)  # only the pooled query row
+            # only the pooled query row of the pattern
+            pooled_row = einsum("batch query, batch head query key -> batch head key", self.alpha[:, readout], pattern)
             # each head's value vectors go through W_O and the readout before expanding over tokens
-            head_out = torch.einsum("hdm,mo->hdo", attn.W_O, self.matrix[readout])
-            part = pooled_row[..., None] * torch.einsum("bkhd,hdo->bhko", v, head_out)  # [b, h, k, d_out]
+            head_out = einsum("head d_head d_model, d_model d_out -> head d_head d_out", attn.W_O, self.matrix[readout])
+            values = einsum("batch key head d_head, head d_head d_out -> batch head key d_out", v, head_out)
+            part = pooled_row[..., None] * values
             terms = part if terms is None else terms + part
         batch, n_heads, n_tokens, d_out = terms.shape
         self._group(
@@ -495,7 +500,7 @@ class _TermBuilder:
             shares = torch.cat(self.shares).to(values) / len(self.shares)
             resid = self.cache[f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"]
             alpha = self.alpha[:, 0]
-            mean = torch.einsum("bp,bp->b", alpha, resid.mean(-1)) if ln is not None else 0 * alpha[:, 0]
+            mean = einsum("batch pos, batch pos -> batch", alpha, resid.mean(-1)) if ln is not None else 0 * alpha[:, 0]
             mean_direction = self.project[0].sum(dim=0)  # 1 @ diag(w) P
             correction = self.readout_bias[None] - mean[:, None] * mean_direction[None]  # [batch, d_out]
             values.add_(shares[None, :, None] * correction[:, None, :])
