@@ -63,6 +63,7 @@ SHORT_NAMES = {
     "robustness": "vit_lens.methods.featureviz.robustness",
     "align": "vit_lens.methods.alignment.compalign",
     "report": "vit_lens.viz.report",
+    "widgets": "vit_lens.viz.widgets",
 }
 _PACKAGES = ("model", "loading", "intervene", "methods", "toy", "viz", "utils")
 __all__ = list(_EXPORTS) + list(SHORT_NAMES) + list(_PACKAGES)
