@@ -93,6 +93,9 @@ def test_patching_explorer_equals_activation_patching(clip, pair):
     first_layer = expected.normalized().values[0, 1:]
     assert first_layer[changed].max() == first_layer.max() > 0.05
     assert explorer.layer_labels == ["L0", "L1", "L2", "L3"] and explorer.head_labels == ["H0", "H1", "H2", "H3"]
+    before = explorer.result
+    explorer.region = [0, 1]  # painting while the corrupted run is the other image changes nothing yet
+    assert explorer.result is before
 
 
 def test_painting_a_region_recomputes(clip, pair):

@@ -17,13 +17,7 @@ function format(value) {
   return value === null || value === undefined ? "n/a" : Number(value).toPrecision(4);
 }
 
-// White to blue for attention (0..max), blue / white / red around 0 for signed values.
-function sequential(value, max) {
-  const t = max > 0 && value !== null ? Math.min(1, Math.max(0, value / max)) : 0;
-  const mix = (a, b) => Math.round(a + (b - a) * t);
-  return `rgb(${mix(255, 33)},${mix(255, 102)},${mix(255, 172)})`;
-}
-
+// Blue / white / red around 0 for signed values (positive blue, as plotly's RdBu).
 function diverging(value, max) {
   if (value === null || value === undefined) return "rgb(220,220,220)";
   const t = max > 0 ? Math.max(-1, Math.min(1, value / max)) : 0;
@@ -68,6 +62,14 @@ function patchGrid(parent, { imageUrl, rows, cols, nPrefix, size, className, cel
   return wrap;
 }
 
+// Keys pressed on a view's controls (arrows on a slider) are the control's: JupyterLab and Notebook
+// 7 would otherwise read them as notebook shortcuts (select the next cell) and cancel them.
+function controlBar(parent) {
+  const bar = element("div", { class: "vl-controls", "data-lm-suppress-shortcuts": "true" }, parent);
+  bar.addEventListener("keydown", (event) => event.stopPropagation());
+  return bar;
+}
+
 function slider(parent, name, max, value, onInput) {
   const label = element("label", { class: "vl-control" }, parent, `${name} `);
   const input = element("input", { type: "range", min: 0, max, step: 1, value, class: `vl-${name}` }, label);
@@ -96,7 +98,7 @@ function renderPatch(model, el) {
   const [rows, cols] = model.get("grid");
   const nPrefix = model.get("n_prefix");
   const labels = model.get("token_labels");
-  const controls = element("div", { class: "vl-controls" }, root);
+  const controls = controlBar(root);
   slider(controls, "layer", model.get("n_layers") - 1, model.get("layer"), (v) => { model.set("layer", v); model.save_changes(); draw(); });
   slider(controls, "head", model.get("n_heads") - 1, model.get("head"), (v) => { model.set("head", v); model.save_changes(); draw(); });
   const prefixButtons = element("span", { class: "vl-prefix" }, controls);
@@ -128,7 +130,8 @@ function renderPatch(model, el) {
     patchGrid(body, {
       imageUrl: model.get("image_url"), rows, cols, nPrefix, size: 320, className: "vl-attention",
       cell: (token) => ({
-        value: attention[token], fill: sequential(attention[token], max), opacity: 0.75, selected: token === q,
+        // opacity follows the weight, so the image shows through where the patch does not look
+        value: attention[token], fill: "rgb(33,102,172)", opacity: 0.85 * Math.min(1, (attention[token] || 0) / max), selected: token === q,
         title: `${labels[token]}: ${format(attention[token])}`,
       }),
       onCell: choose,
@@ -162,7 +165,7 @@ function renderPatching(model, el) {
   const [rows, cols] = model.get("grid");
   const nPrefix = model.get("n_prefix");
   const labels = model.get("token_labels");
-  const controls = element("div", { class: "vl-controls" }, root);
+  const controls = controlBar(root);
   const select = (name, options, value) => {
     const label = element("label", { class: "vl-control" }, controls, `${name} `);
     const node = element("select", { class: `vl-${name}` }, label);
@@ -273,7 +276,7 @@ function renderPatching(model, el) {
 
 function renderDecomposition(model, el) {
   const root = element("div", { class: "vl-view vl-decomposition-explorer" }, el);
-  const controls = element("div", { class: "vl-controls" }, root);
+  const controls = controlBar(root);
   const label = element("label", { class: "vl-control" }, controls, "direction ");
   const direction = element("select", { class: "vl-direction" }, label);
   model.get("direction_names").forEach((name, i) => element("option", { value: i }, direction, name));

@@ -399,6 +399,8 @@ class PatchingExplorer(_Explorer):
 
     @traitlets.observe("metric", "fill", "region")
     def _on_selection(self, change: dict) -> None:
+        if change["name"] == "region" and self.fill == "image":
+            return  # the corrupted run is the other image: the painted region applies once a fill is chosen
         self._compute(self._update)
 
     def _update(self) -> None:
