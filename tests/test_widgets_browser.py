@@ -179,7 +179,8 @@ def _wait_for_attention(page, expected: list[float], timeout_ms: int) -> dict:
     return page.evaluate(READ_ATTENTION)
 
 
-def test_explorers_respond_in_jupyterlab(jupyter_lab, browser, expected_patterns):
+def test_explorers_respond_in_jupyterlab(browser, jupyter_lab, expected_patterns):
+    # the browser comes first: without chromium the test skips before a server is started
     url, token = jupyter_lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -289,3 +290,33 @@ def test_explorers_respond_in_jupyterlab(jupyter_lab, browser, expected_patterns
     page.screenshot(path=str(ARTIFACTS / "07_full_page.png"), full_page=True)
     assert errors == [], f"the page raised: {errors}"
     print(f"tutorial 6 ran in the browser's kernel in {run_s:.1f} s")
+
+
+def test_static_page_works_without_a_kernel_or_network(browser, expected_patterns, tmp_path):
+    """``to_html``'s page: opened from disk, it draws, answers clicks and sliders, and requests nothing remote."""
+    import torch
+
+    import vit_lens
+    from vit_lens.toy import ToyWorld
+    from vit_lens.widgets import PatchExplorer
+
+    world = ToyWorld(seed=6)
+    scene = world.sample_scenes(1, seed=7, count="one", colour="red", size="large")[0]
+    with torch.no_grad():
+        path = PatchExplorer(vit_lens.load_toy_clip(), world.render([scene]).images[0]).to_html(tmp_path / "patch.html")
+    page = browser.new_page(viewport={"width": 900, "height": 700})
+    requests: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(path.as_uri(), timeout=PAGE_LOAD_MS)
+    _wait_for_attention(page, expected_patterns[0, 0, 0].tolist(), PAGE_LOAD_MS)
+    page.locator(f'.vl-attention .vl-patch[data-token="{QUERY_TOKEN}"]').click()
+    page.locator("input.vl-layer").focus()
+    page.keyboard.press("ArrowRight")
+    shown = _wait_for_attention(page, expected_patterns[1, 0, QUERY_TOKEN].tolist(), PAGE_LOAD_MS)
+    assert shown["query"] == "query P(5,2), layer 1, head 0"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "08_static_page.png"))
+    remote = [url for url in requests if not url.startswith(("file:", "data:", "blob:"))]
+    assert remote == [] and errors == []
