@@ -59,6 +59,12 @@ def jupyter_lab(tmp_path):
     settings.mkdir(parents=True)
     # render every cell (no virtual scrolling), so the widgets exist in the DOM wherever they are
     (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    labconfig = tmp_path / "config" / "labconfig"
+    labconfig.mkdir(parents=True)
+    # no "get Jupyter news?" toast over the page
+    (labconfig / "page_config.json").write_text(
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}})
+    )
     env = {
         **os.environ,
         "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
