@@ -119,7 +119,8 @@ def test_painting_a_region_recomputes(clip, pair):
     assert torch.equal(explorer.result.values, expected.values)
     explorer.metric = "text:one red object"
     text = clip.encode_text(["one red object"], normalize=True)[0]
-    assert explorer.baselines["clean"] == pytest.approx(float(torch.nn.functional.normalize(clip.vision(clean[None]), dim=-1)[0] @ text), abs=1e-6)
+    clean_cosine = float(torch.nn.functional.normalize(clip.vision(clean[None]), dim=-1)[0] @ text)
+    assert explorer.baselines["clean"] == pytest.approx(clean_cosine, abs=1e-6)
     figure = explorer.figure("head")
     assert figure.data[0].z is not None and len(figure.data[0].z) == 4
 

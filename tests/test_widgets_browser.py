@@ -73,6 +73,8 @@ def jupyter_lab(tmp_path):
         "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings"),
         "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
         "HF_HUB_OFFLINE": "1",
+        # the kernel shares the CI machine's cores with the test workers: one thread avoids oversubscription
+        "OMP_NUM_THREADS": "1",
     }
     env.pop("JUPYTER_PATH", None)
     port, token = _free_port(), secrets.token_hex(16)

@@ -113,9 +113,16 @@ function renderPatch(model, el) {
   status(root, model);
 
   function choose(token) {
-    model.set("query", token);
     const table = model.get("_all_attention");
-    if (model.get("_static") && table && table.length) model.set("attention_rows", table[token]);
+    if (model.get("_static")) {
+      // a static page of a large model carries the saved query's attention only
+      if (!table || !table.length) {
+        readout.textContent = "static snapshot: this page holds the saved query only; open it in a kernel for others";
+        return;
+      }
+      model.set("attention_rows", table[token]);
+    }
+    model.set("query", token);
     model.save_changes();
   }
 

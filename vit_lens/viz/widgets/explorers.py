@@ -247,7 +247,7 @@ def _check_index(value: int, size: int, name: str, expected: str) -> None:
         raise ValueError(f"{name}={value} is out of range; expected {expected}")
 
 
-def _metric_from_spec(spec: Any, model: Any, clean: Tensor) -> tuple[str, Callable[[Tensor], Tensor] | str]:
+def _metric_from_spec(spec: Any, model: Any) -> tuple[str, Callable[[Tensor], Tensor] | str]:
     """``(name, metric or factor spec)`` for one metric choice; factor metrics are built per corruption."""
     if callable(spec):
         return getattr(spec, "__name__", "custom"), spec
@@ -337,7 +337,7 @@ class PatchingExplorer(_Explorer):
                 "'text:<prompt>' or 'factor:<name>' (or a list of them to choose from)"
             )
         specs = metric if isinstance(metric, (list, tuple)) else [metric]
-        self._metrics = dict(_metric_from_spec(spec, model, self.clean_image) for spec in specs)
+        self._metrics = dict(_metric_from_spec(spec, model) for spec in specs)
         fills = ["image", *FILLS] if self._other is not None else ["mean", "blur"]
         fill = fill or fills[0]
         if fill not in fills:
@@ -477,11 +477,14 @@ class DecompositionExplorer(_Explorer):
         if (texts is None) == (directions is None):
             raise ValueError("DecompositionExplorer needs exactly one of texts= (prompts, CLIP) or directions= ([d_repr, k])")
         if not isinstance(images, Tensor) or images.ndim != 4:
-            raise ValueError(f"images must be a batch [batch, channels, height, width], got {getattr(images, 'shape', type(images).__name__)}")
+            got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a batch [batch, channels, height, width], got {got}")
         self._tower = image_tower(model)
         if texts is not None:
             if not hasattr(model, "encode_text"):
-                raise TypeError(f"texts need a model with a text tower (HookedCLIP); got {type(model).__name__}; pass directions=")
+                raise TypeError(
+                    f"texts need a model with a text tower (HookedCLIP); got {type(model).__name__}: pass directions="
+                )
             with torch.no_grad():
                 directions = model.encode_text(list(texts), normalize=True).T
             names = list(texts)
