@@ -30,6 +30,7 @@ _EXPORTS = {
     "ViTConfig": "vit_lens.model.config",
     "VisionActivationCache": "vit_lens.model.cache",
     "load_toy_clip": "vit_lens.toy.model",
+    "load_planted": "vit_lens.planted.model",
     "get_act_name": "vit_lens.utils.hook_names",
     "image_tower": "vit_lens.model.hooked_vit",
 }
@@ -65,7 +66,7 @@ SHORT_NAMES = {
     "report": "vit_lens.viz.report",
     "widgets": "vit_lens.viz.widgets",
 }
-_PACKAGES = ("model", "loading", "intervene", "methods", "toy", "viz", "utils")
+_PACKAGES = ("model", "loading", "intervene", "methods", "toy", "planted", "viz", "utils")
 __all__ = list(_EXPORTS) + list(SHORT_NAMES) + list(_PACKAGES)
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
     from vit_lens.model.clip import HookedCLIP
     from vit_lens.model.config import ViTConfig
     from vit_lens.model.hooked_vit import HookedViT, image_tower
+    from vit_lens.planted.model import load_planted
     from vit_lens.toy.model import load_toy_clip
     from vit_lens.utils.hook_names import get_act_name
 

@@ -1,0 +1,22 @@
+"""Vision transformers whose mechanism is known by construction, with their truth (:func:`vit_lens.load_planted`)."""
+
+from vit_lens.planted.model import PLANTED_MODELS, PlantedModel, load_planted
+from vit_lens.planted.truth import CLASSIFIER_HEADS, PlantedHead
+from vit_lens.planted.verify import (
+    inertness,
+    interchange_accuracy,
+    reading_fractions,
+    task_accuracy,
+)
+
+__all__ = [
+    "CLASSIFIER_HEADS",
+    "PLANTED_MODELS",
+    "PlantedHead",
+    "PlantedModel",
+    "inertness",
+    "interchange_accuracy",
+    "load_planted",
+    "reading_fractions",
+    "task_accuracy",
+]
