@@ -21,6 +21,7 @@ from vit_lens.planted.truth import (
     heads_by_factor,
     inert_heads,
 )
+from vit_lens.toy.model import init_for_training
 from vit_lens.toy.world import FACTORS
 
 PLANTED_MODELS = ("classifier",)
@@ -60,20 +61,7 @@ def build_classifier(seed: int | None = 0, config: dict | None = None) -> Hooked
         torch.manual_seed(seed)
     cfg = ViTConfig(**(config or CLASSIFIER_CONFIG))
     model = HookedViT(cfg)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".w"):
-                param.fill_(1.0)
-            elif name.endswith(("W_pos", "cls_token")):
-                param.normal_(std=0.02)
-            elif name.endswith("W_E"):
-                param.normal_(std=param[0].numel() ** -0.5)
-            elif param.ndim >= 2:
-                fan_in = param.shape[-2] * (param.shape[0] if name.endswith("W_O") else 1)
-                scale = (2 * cfg.n_layers) ** -0.5 if name.endswith(("W_O", "W_out")) else 1.0
-                param.normal_(std=scale * fan_in**-0.5)
-            else:
-                param.zero_()
+    init_for_training(model)
     return model
 
 

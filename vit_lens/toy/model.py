@@ -32,22 +32,13 @@ VISION_CONFIG = dict(
 TEXT_CONFIG = dict(width=96, layers=2, heads=4, d_proj=64, context_length=16)
 
 
-def build_toy_clip(
-    vision_config: dict | None = None, text_config: dict | None = None, seed: int | None = 0
-) -> "vit_lens.HookedCLIP":  # noqa: F821
-    """A freshly initialised toy CLIP (the architecture of :func:`load_toy_clip`), ready to train.
+def init_for_training(vision: nn.Module) -> nn.Module:
+    """Initialise a HookedViT in place for training from scratch (the toy and planted models' recipe).
 
     Matrices start at ``N(0, 1/fan_in)`` (output projections further scaled by ``1/sqrt(2 n_layers)``),
     LayerNorms at identity, biases at zero and position embeddings small.
     """
-    from vit_lens.model.clip import HookedCLIP
-    from vit_lens.model.hooked_vit import HookedViT
-    from vit_lens.toy.text import ToyTextTower, ToyTokenizer
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    cfg = ViTConfig(**(vision_config or VISION_CONFIG))
-    vision = HookedViT(cfg)
+    cfg = vision.cfg
     with torch.no_grad():
         for name, param in vision.named_parameters():
             if name.endswith(".w"):
@@ -62,6 +53,25 @@ def build_toy_clip(
                 param.normal_(std=scale * fan_in**-0.5)
             else:
                 param.zero_()
+    return vision
+
+
+def build_toy_clip(
+    vision_config: dict | None = None, text_config: dict | None = None, seed: int | None = 0
+) -> "vit_lens.HookedCLIP":  # noqa: F821
+    """A freshly initialised toy CLIP (the architecture of :func:`load_toy_clip`), ready to train.
+
+    The image tower starts as :func:`init_for_training` sets it; the text tower as it initialises itself.
+    """
+    from vit_lens.model.clip import HookedCLIP
+    from vit_lens.model.hooked_vit import HookedViT
+    from vit_lens.toy.text import ToyTextTower, ToyTokenizer
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = ViTConfig(**(vision_config or VISION_CONFIG))
+    vision = HookedViT(cfg)
+    init_for_training(vision)
     text_config = dict(TEXT_CONFIG, **(text_config or {}))
     text = ToyTextTower(**text_config)
     logit_scale = nn.Parameter(torch.tensor(2.6593))  # log(1 / 0.07), as CLIP starts
