@@ -90,8 +90,9 @@ def jupyter_lab(tmp_path):
     try:
         deadline = time.monotonic() + SERVER_START_S
         while True:
+            # JupyterLab is a test dependency (installed by dev.py): a server that does not start is a failure.
             if server.poll() is not None:
-                pytest.skip(f"JupyterLab exited with {server.returncode} at start: {_tail(tmp_path / 'server.log')}")
+                pytest.fail(f"JupyterLab exited with {server.returncode} at start: {_tail(tmp_path / 'server.log')}")
             try:
                 with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5) as answer:
                     if answer.status == 200:
@@ -99,7 +100,7 @@ def jupyter_lab(tmp_path):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.skip(f"JupyterLab did not answer within {SERVER_START_S} s: {_tail(tmp_path / 'server.log')}")
+                pytest.fail(f"JupyterLab did not answer within {SERVER_START_S} s: {_tail(tmp_path / 'server.log')}")
             _pause_for_server(server)
         yield url, token
     finally:
@@ -129,12 +130,16 @@ def _tail(path: Path, n: int = 1500) -> str:
 def browser():
     chromium = shutil.which("chromium")
     if chromium is None:
+        # Chromium is a system package, not a Python one: .ci/run installs it with apt-get; a machine without
+        # it (a developer's laptop, a registry outage in CI) cannot run this test, and says so in the summary.
         pytest.skip("no `chromium` on PATH (Debian: apt-get install chromium); the browser test needs it")
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (the test extras)")
     with sync_api.sync_playwright() as playwright:
         try:
             launched = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=60_000)
-        except Exception as error:  # the browser binary exists but cannot start here (sandbox, libraries)
+        except Exception as error:
+            # The binary exists but this machine cannot start it (no user namespaces, missing shared libraries):
+            # an environment limit, not a defect of the views; the reason is printed in the skip summary.
             pytest.skip(f"chromium at {chromium} did not start: {error}")
         try:
             yield launched
