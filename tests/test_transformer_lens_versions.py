@@ -208,6 +208,8 @@ def test_factored_matrices_are_the_installed_class(model):
 # SAELens 6 warns on its own constructor argument use_error_term=True (it sets the deprecated attribute).
 @pytest.mark.filterwarnings("ignore:Setting use_error_term directly on SAE is deprecated:DeprecationWarning")
 def test_sae_lens_shares_the_environment_and_splices_into_a_hooked_vit(model, two_batches):
+    # sae-lens requires transformer-lens < 4, so it is installed only in dev.py's second environment (.venv-tl3),
+    # where `python3 dev.py test` runs this test; the main environment (transformer-lens 4) cannot hold it.
     sae_lens = pytest.importorskip("sae_lens")
     assert int(version("sae-lens").split(".")[0]) == 6
     # One TransformerLens serves both: SAELens's SAEs and HookedViT share its HookedRootModule.

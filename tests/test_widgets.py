@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+# anywidget is in the test extras, so the suite always runs these; the skip is for a bare `pip install vit_lens`.
 pytest.importorskip("anywidget", reason="vit_lens.widgets needs anywidget: pip install 'vit_lens[widgets]'")
 
 import vit_lens
@@ -183,6 +184,7 @@ def test_missing_anywidget_names_the_extra(monkeypatch):
 
 def test_progress_bar_is_the_widget_in_a_kernel_only(tmp_path, monkeypatch):
     """With ipywidgets installed, a kernel gets tqdm's widget bar and no 'IProgress not found' warning."""
+    # Both are test extras (always present under dev.py); outside them the widget bar is not offered at all.
     pytest.importorskip("ipywidgets")
     nbformat = pytest.importorskip("nbformat")
     from ipykernel.kernelspec import install as install_kernelspec
