@@ -60,8 +60,8 @@ def test_the_truth_is_consistent():
 
 
 def test_unknown_names_and_foreign_files_are_refused_with_what_works():
-    with pytest.raises(ValueError, match=r"'clip'.*\['classifier'\]"):
-        load_planted("clip")
+    with pytest.raises(ValueError, match=r"'vit'.*\['classifier', 'clip'\]"):
+        load_planted("vit")
     toy = Path(vit_lens.toy.__file__).parent / "toy_clip.safetensors"
     with pytest.raises(ValueError, match="not a planted classifier checkpoint"):
         load_planted("classifier", path=toy)
@@ -102,3 +102,56 @@ def test_training_is_seeded_and_reproducible():
 def test_a_missing_checkpoint_names_the_training_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no such file.*python -m vit_lens.planted.train"):
         load_planted("classifier", path=tmp_path / "absent.safetensors")
+
+
+def test_a_classifier_file_is_not_loaded_as_a_clip_and_back(tmp_path, untrained):
+    from vit_lens.planted.clip import build_planted_clip, save_planted_clip
+    from vit_lens.planted.model import save_classifier
+
+    save_classifier(untrained.model, tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match=r"holds a planted classifier; load it with load_planted\('classifier'"):
+        load_planted("clip", path=tmp_path / "c.safetensors")
+    save_planted_clip(build_planted_clip(untrained.model), tmp_path / "p.safetensors")
+    with pytest.raises(ValueError, match=r"holds a planted CLIP; load it with load_planted\('clip'"):
+        load_planted("classifier", path=tmp_path / "p.safetensors")
+    loaded = load_planted("clip", path=tmp_path / "p.safetensors")
+    assert isinstance(loaded.model, vit_lens.HookedCLIP) and loaded.heads == untrained.heads
+
+
+def test_the_clip_image_tower_is_the_classifier_and_value_prompts_predict_what_it_predicts(untrained):
+    from vit_lens.planted.clip import PlantedCLIP, build_planted_clip, value_directions
+    from vit_lens.planted.model import factor_slices
+
+    clip = build_planted_clip(untrained.model).eval()
+    images = ToyWorld(seed=SEED).sample(64, seed=SEED).images
+    with torch.no_grad():
+        assert torch.equal(clip.encode_image(images), untrained.model(images))
+    planted = PlantedCLIP(clip, untrained.heads, untrained.inert_heads, untrained.inert_mlps)
+    # A text tower that puts each prompt exactly on its value's direction: zero-shot is then the classifier's
+    # argmax within every factor (the claim of vit_lens.planted.clip), even for a random image tower.
+    directions = torch.nn.functional.normalize(value_directions(), dim=-1)
+    planted._prompts.update({name: directions[s] for name, s in factor_slices().items()})
+    ours, theirs = planted.predict(images), untrained.predict(images)
+    for name in FACTORS:
+        assert torch.equal(ours[name], theirs[name]), name
+    # ...and a text tower that does not (random rows) disagrees somewhere: the check can fail.
+    planted._prompts.update({name: torch.randn(len(FACTORS[name]), 23) for name in FACTORS})
+    assert any(not torch.equal(planted.predict(images)[n], theirs[n]) for n in FACTORS)
+
+
+def test_text_targets_sum_the_mentioned_values_directions():
+    from vit_lens.planted.clip import text_targets, value_directions
+    from vit_lens.planted.model import factor_slices
+
+    directions, slices = value_directions(), factor_slices()
+    red = slices["colour"].start + FACTORS["colour"].index("red")
+    circle = slices["shape"].start + FACTORS["shape"].index("circle")
+    # Each direction sums to zero within its factor: a factor's constant offset is in no text.
+    assert torch.allclose(directions[red, slices["colour"]].sum(), torch.tensor(0.0), atol=1e-6)
+    single, pair, plural = text_targets(["red object", "red circle", "two red circles"])
+    assert torch.allclose(single, directions[red] / directions[red].norm())
+    expected = directions[red] + directions[circle]
+    assert torch.allclose(pair, expected / expected.norm())
+    assert plural[slices["count"]].argmax() == FACTORS["count"].index("two")
+    with pytest.raises(ValueError, match="mentions no value"):
+        text_targets(["object"])

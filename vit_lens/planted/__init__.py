@@ -1,5 +1,6 @@
 """Vision transformers whose mechanism is known by construction, with their truth (:func:`vit_lens.load_planted`)."""
 
+from vit_lens.planted.clip import PlantedCLIP
 from vit_lens.planted.model import PLANTED_MODELS, PlantedModel, load_planted
 from vit_lens.planted.truth import CLASSIFIER_HEADS, PlantedHead
 from vit_lens.planted.verify import (
@@ -12,6 +13,7 @@ from vit_lens.planted.verify import (
 __all__ = [
     "CLASSIFIER_HEADS",
     "PLANTED_MODELS",
+    "PlantedCLIP",
     "PlantedHead",
     "PlantedModel",
     "inertness",

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vit_lens.model.clip import HookedCLIP
 from vit_lens.model.config import ViTConfig
 from vit_lens.model.hooked_vit import HookedViT
 from vit_lens.planted.truth import (
@@ -24,7 +25,7 @@ from vit_lens.planted.truth import (
 from vit_lens.toy.model import init_for_training
 from vit_lens.toy.world import FACTORS
 
-PLANTED_MODELS = ("classifier",)
+PLANTED_MODELS = ("classifier", "clip")
 """The names :func:`load_planted` accepts."""
 
 CLASSIFIER_CONFIG = dict(
@@ -72,7 +73,9 @@ class PlantedModel:
     Attributes:
         model: The :class:`~vit_lens.HookedViT` (eval mode, gradients available); it takes
             ``[batch, 3, 64, 64]`` images in [0, 1] as :meth:`vit_lens.toy.ToyWorld.sample` draws them and
-            returns ``[batch, 23]`` logits, one slice per factor (:meth:`factor_logits`).
+            returns ``[batch, 23]`` logits, one slice per factor (:meth:`factor_logits`). For the planted
+            CLIP (:class:`vit_lens.planted.clip.PlantedCLIP`) the :class:`~vit_lens.HookedCLIP`, whose image
+            embedding is that logit vector.
         heads: Factor name -> the heads ``(layer, head)`` through which it reaches the output.
         inert_heads: Heads that carry nothing the output uses.
         inert_mlps: Layers whose MLP carries nothing the output uses.
@@ -81,7 +84,7 @@ class PlantedModel:
         card: The training record stored with the weights (command, time, measured figures).
     """
 
-    model: HookedViT
+    model: HookedViT | HookedCLIP
     heads: dict[str, list[tuple[int, int]]]
     inert_heads: list[tuple[int, int]]
     inert_mlps: list[int]
@@ -168,15 +171,24 @@ def load_planted(name: str = "classifier", path: str | Path | None = None,
             )
         state = {key: f.get_tensor(key).float() for key in f.keys()}
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(metadata["config"]).items()}
+    is_clip = "text_config" in metadata
+    if is_clip != (name == "clip"):
+        saved = "a planted CLIP" if is_clip else "a planted classifier"
+        raise ValueError(f"{path} holds {saved}; load it with load_planted({'clip' if is_clip else 'classifier'!r}, path=...)")
     truth = json.loads(metadata["truth"])
     planted_heads = tuple(PlantedHead(**h) for h in truth["planted_heads"])
     if planted_heads != CLASSIFIER_HEADS:
         raise ValueError(f"{path} was trained for another design than vit_lens.planted.truth.CLASSIFIER_HEADS")
-    model = build_classifier(seed=None, config=config)
-    model.load_state_dict(state, strict=True)
+    if is_clip:
+        from vit_lens.planted.clip import PlantedCLIP, clip_from_state
+
+        model, kind = clip_from_state(config, state), PlantedCLIP
+    else:
+        model, kind = build_classifier(seed=None, config=config), PlantedModel
+        model.load_state_dict(state, strict=True)
     # Eval mode only: gradients stay available, as for every loaded model (attribution patching).
     model = model.to(device).eval()
-    return PlantedModel(
+    return kind(
         model=model,
         heads=heads_by_factor(planted_heads),
         inert_heads=inert_heads(planted_heads, model.cfg.n_layers, model.cfg.n_heads),
