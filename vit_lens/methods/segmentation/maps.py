@@ -26,6 +26,8 @@ every patch, which the mean over texts mostly cancels (exactly where the offsets
 (gradient-weighted attention rollout). All return ``[batch, rows, cols]`` maps of the CLS query row
 over the patch tokens. Gradient targets are ``output . direction`` per image (a CLIP image embedding
 and a class text embedding) or a logit index (classifiers).
+A baseline that needs no model, for images whose object colour is known:
+:func:`colour_distance_maps` (closeness of each pixel's colour to the object's).
 
 **Protocol** (:class:`SegmentationMetrics`), exactly as both papers' code computes it
 (``utils/metrices.py`` of Chefer et al., copied into ``utils/segmentation_utils.py`` of Gandelsman et al. 2024):
@@ -349,6 +351,43 @@ def rollout(
 
 
 # ============================================================================ protocol and metrics
+
+
+def colour_distance_maps(images: Any, colours: Any) -> Float[Tensor, "batch height width"]:
+    """A map computed with no model: how close each pixel's colour is to the object's colour.
+
+    The trivial baseline that a zero-shot segmentation map should beat on images whose object colour
+    is known (the toy world's): ``-||images[b, :, y, x] - colours[b]||_2`` at every pixel, so the pixels
+    closest to the object's colour score highest, as a map's foreground should. It goes through
+    :class:`SegmentationMetrics` like any other map (normalised per image, thresholded at its mean).
+
+    Args:
+        images: ``[batch, channels, height, width]`` float, in the colour space of ``colours`` (the toy
+            world's images are RGB in [0, 1]; pass unnormalised images).
+        colours: ``[batch, channels]``: each image's object colour, or ``[channels]``: one for all images.
+
+    Returns:
+        ``[batch, height, width]``, at most 0 (0 where a pixel has exactly the object's colour).
+
+    Example:
+        >>> image = torch.zeros(1, 3, 2, 2)
+        >>> image[0, 0, 0, 0] = 1.0  # one red pixel on black
+        >>> colour_distance_maps(image, torch.tensor([1.0, 0.0, 0.0]))
+        tensor([[[ 0., -1.],
+                 [-1., -1.]]])
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+        got = f"a {images.dtype} tensor of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor [batch, channels, height, width], got {got}")
+    batch, channels = images.shape[:2]
+    if not isinstance(colours, Tensor) or colours.shape not in ((channels,), (batch, channels)):
+        got = tuple(colours.shape) if isinstance(colours, Tensor) else type(colours).__name__
+        raise ValueError(
+            f"colours must be a tensor [batch={batch}, channels={channels}] (one colour per image) or "
+            f"[channels={channels}], got {got}"
+        )
+    target = colours.to(device=images.device, dtype=images.dtype).reshape(-1, channels, 1, 1)
+    return -(images - target).norm(dim=1) + 0.0  # + 0.0: exact matches read 0, not -0
 
 
 def normalize_heatmaps(heatmaps: Any, clip_negative: bool = False) -> Float[Tensor, "batch height width"]:
