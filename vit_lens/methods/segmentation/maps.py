@@ -350,9 +350,6 @@ def rollout(
     return torch.stack(every, dim=1) if return_all else joint
 
 
-# ============================================================================ protocol and metrics
-
-
 def colour_distance_maps(images: Any, colours: Any) -> Float[Tensor, "batch height width"]:
     """A map computed with no model: how close each pixel's colour is to the object's colour.
 
@@ -388,6 +385,9 @@ def colour_distance_maps(images: Any, colours: Any) -> Float[Tensor, "batch heig
         )
     target = colours.to(device=images.device, dtype=images.dtype).reshape(-1, channels, 1, 1)
     return -(images - target).norm(dim=1) + 0.0  # + 0.0: exact matches read 0, not -0
+
+
+# ============================================================================ protocol and metrics
 
 
 def normalize_heatmaps(heatmaps: Any, clip_negative: bool = False) -> Float[Tensor, "batch height width"]:
