@@ -22,21 +22,17 @@ import time
 import torch
 
 import vit_lens
-from vit_lens.intervene.decompose import required_hooks
 from vit_lens.intervene.interventions import patch_from_cache
 from vit_lens.intervene.patching import activation_patching
-from vit_lens.viz.report import head_outputs_over
-from vit_lens.methods.segmentation.maps import (
-    SegmentationMetrics,
-    attention_gradcam,
-    attention_rollout,
-    chefer_relevance,
-    raw_attention,
-    text_heatmaps,
-    upsample,
-)
+from vit_lens.methods.scorecard import localisation_scores
 from vit_lens.methods.textspan.textspan import textspan
-from vit_lens.toy import FACTORS, ToyWorld, description_pool, factor_accuracy, factor_prompts
+from vit_lens.toy import (
+    FACTORS,
+    ToyWorld,
+    description_pool,
+    factor_accuracy,
+)
+from vit_lens.viz.report import head_outputs_over
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -69,28 +65,10 @@ def head_roles(clip, images, n_texts: int = 5):
     return rows, per_factor
 
 
-def segmentation(clip, batch, factor: str = "colour") -> list[list]:
-    vision = clip.vision
-    classes = clip.encode_text(factor_prompts(factor), normalize=True)  # [k, d]
-    target = classes[batch.factors[factor]]  # [n, d]: each image's true value of the factor
-    size = tuple(batch.images.shape[-2:])
-    with torch.no_grad():
-        maps = text_heatmaps(vision, batch.images, classes.T)  # [n, k, rows, cols]
-    ours = maps[torch.arange(len(batch)), batch.factors[factor]]
-    methods = {
-        "decomposition (Gandelsman et al. 2024)": ours,
-        "raw attention (last layer)": raw_attention(vision, batch.images),
-        "attention rollout": attention_rollout(vision, batch.images),
-        "GradCAM (last layer)": attention_gradcam(vision, batch.images, target),
-        "Chefer relevance": chefer_relevance(vision, batch.images, target),
-    }
-    rows = []
-    for name, heatmap in methods.items():
-        metrics = SegmentationMetrics()
-        metrics.update(upsample(heatmap, size), batch.foreground)
-        result = metrics.compute()
-        rows.append([name, f"{100 * result['pixel_accuracy']:.1f}", f"{100 * result['miou']:.1f}", f"{100 * result['map']:.1f}"])
-    return rows
+def segmentation(clip, batch) -> list[list]:
+    """The maps of vit_lens.methods.scorecard.localisation_scores (true colour), next to its trivial baselines."""
+    return [[r["name"], f"{100 * r['pixel_accuracy']:.1f}", f"{100 * r['miou']:.1f}", f"{100 * r['map']:.1f}",
+             f"{100 * r['iou_foreground']:.1f}"] for r in localisation_scores(clip, batch=batch)]
 
 
 @torch.no_grad()
@@ -173,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     seg = world.sample(args.segmentation_images)
     print(f"\n## Zero-shot segmentation with the true colour's prompt ({args.segmentation_images} images, Chefer et al. "
           "protocol; foreground = all objects)\n")
-    print(table(["method", "pixel accuracy", "mIoU", "mAP"], segmentation(clip, seg)))
+    print(table(["method", "pixel accuracy", "mIoU", "mAP", "foreground IoU"], segmentation(clip, seg)))
 
     clean, corrupt, group_rows, head_rows = colour_patching(clip, world, args.patching_images)
     print(f"\n## Activation patching of a colour swap ({args.patching_images} one-object scenes; metric "
