@@ -41,7 +41,12 @@ def _check_images(paths: list[str]) -> None:
     """Every ``--image`` is a file PIL recognises as an image (read from its header, not decoded)."""
     from PIL import Image, UnidentifiedImageError
 
+    given: dict[str, str] = {}  # real path -> the path as given
     for path in paths:
+        real = os.path.realpath(path)
+        if real in given:
+            raise CommandError(f"--image {path} is the file already given as {given[real]}; pass each image once")
+        given[real] = path
         if not os.path.exists(path):
             raise CommandError(f"--image {path}: no such file")
         if os.path.isdir(path):
@@ -111,16 +116,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distinct_scenes(world, n: int) -> list:
+    """``n`` scenes with distinct captions, of distinct colours while colours last: the report's images
+    are explained by their colour class, and two images with one caption would read as a repeat."""
+    import math
+
+    from vit_lens.toy import FACTORS, caption
+
+    if n > math.prod(len(values) for values in FACTORS.values()):
+        raise CommandError(f"--n-images {n}: the toy world has fewer distinct scenes to show; ask for a few images")
+    scenes: list = []
+    while len(scenes) < n:
+        scene = world.sample_scene()
+        shown = {s.colour for s in scenes}
+        new_colour = scene.colour not in shown or len(shown) == len(FACTORS["colour"])
+        if new_colour and caption(scene) not in {caption(s) for s in scenes}:
+            scenes.append(scene)
+    return scenes
+
+
 def _demo_toy(args: argparse.Namespace):
     import torch
 
     from vit_lens.viz.report import demo_report
     from vit_lens.toy import ToyWorld, description_pool, factor_prompts, load_toy_clip
+    from vit_lens.toy.world import COLOURS
 
     print("Loading the built-in toy CLIP (trained by vit_lens on its synthetic world of coloured shapes) ...")
     clip = load_toy_clip()
     world = ToyWorld(seed=args.seed)
-    batch = world.sample(args.n_images)
+    batch = world.render(_distinct_scenes(world, args.n_images))
     colours = factor_prompts("colour")  # the toy model reads every factor; colour is the easiest to see on a map
     pool = description_pool()[0]
     with torch.no_grad():
@@ -129,7 +154,8 @@ def _demo_toy(args: argparse.Namespace):
     return demo_report(
         clip.vision, batch.images, class_names=colours, class_directions=directions, pool=pool,
         pool_embeddings=pool_embeddings, textspan_images=world.sample(args.textspan_images).images,
-        out=args.out, titles=batch.captions, true_masks=batch.foreground, model_name="vit_lens toy CLIP",
+        out=args.out, titles=batch.captions, true_masks=batch.foreground,
+        object_colours=torch.tensor([COLOURS[scene.colour] for scene in batch.scenes]), model_name="vit_lens toy CLIP",
     )
 
 

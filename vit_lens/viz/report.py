@@ -2,8 +2,14 @@
 
 For a few images it draws the direct effect of every layer and head on the image's best text
 match, the CLS attention of every layer over the image, the TextSpan descriptions of the heads
-with the largest direct effects, and a zero-shot segmentation; figures are plotly, the file is
-self-contained (it opens offline).
+with the largest direct effects, and a zero-shot segmentation next to trivial baselines; figures
+are plotly, the file is self-contained (it opens offline).
+
+The report is a list of :class:`ReportSection` (a title, an opening paragraph that says what the
+section shows and how to read it, and the figures and tables) written by :func:`write_report`:
+a new analysis is one more function that returns a section. Each image is drawn once, in the first
+section; later sections call it "image 1", "image 2", ... and draw maps alone, outlined with the
+true objects where their masks are known.
 
 Example:
     >>> import vit_lens
@@ -17,15 +23,76 @@ Example:
     ...                    textspan_images=world.sample(500).images, out="report.html")  # doctest: +SKIP
 """
 
+import html
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from vit_lens.utils import plotting as plot
 from vit_lens.intervene.decompose import direct_contributions, required_hooks
+from vit_lens.utils import plotting as plot
+
+_GANDELSMAN = (
+    "Gandelsman, Efros and Steinhardt, <i>Interpreting CLIP's Image Representation via Text-Based "
+    "Decomposition</i> (ICLR 2024)"
+)
+_BALASUBRAMANIAN = (
+    "Balasubramanian, Basu and Feizi, <i>Decomposing and Interpreting Image Representations via Text in ViTs "
+    "Beyond CLIP</i> (NeurIPS 2024)"
+)
+_PEELING = "<i>Peeling Back the Layers: Interpreting the Storytelling of ViT</i> (anonymous submission)"
+_CHEFER = "Chefer, Gur and Wolf, <i>Transformer Interpretability Beyond Attention Visualization</i> (CVPR 2021)"
+_PANEL = 150  # pixels per map panel
+
+
+@dataclass
+class ReportSection:
+    """One section of the report.
+
+    Attributes:
+        title: The heading; unique within a report.
+        intro: Two to four sentences that open the section: what it shows and how to read it
+            (axes, colours, what a good and a bad result look like). An HTML fragment.
+        content: What follows the intro, side by side: plotly figures, plain text, or
+            :class:`vit_lens.utils.plotting.HTML` fragments.
+    """
+
+    title: str
+    intro: str
+    content: list[Any] = field(default_factory=list)
+
+
+def write_report(
+    sections: Sequence[ReportSection], out: str | Path, *, title: str, intro: str | None = None
+) -> Path:
+    """Write ``sections`` into one self-contained HTML file and return its path.
+
+    Args:
+        sections: The report's sections, in order.
+        out: Output HTML path.
+        title: The page title.
+        intro: A paragraph under the title (an HTML fragment).
+
+    Raises:
+        ValueError: Two sections have the same title.
+    """
+    titles = [section.title for section in sections]
+    repeated = sorted({t for t in titles if titles.count(t) > 1})
+    if repeated:
+        raise ValueError(f"section titles must be distinct; repeated: {repeated}")
+    pairs = [
+        (
+            section.title,
+            [plot.HTML(f"<p class='section-intro' style='flex-basis:100%;max-width:75em;margin:0 0 .5em'>"
+                       f"{section.intro}</p>"), *section.content],
+        )
+        for section in sections
+    ]
+    return plot.write_html_report(pairs, out, title=title, intro=intro)
 
 
 def _progress(message: str, log: Callable[[str], None] | None) -> None:
@@ -44,6 +111,277 @@ def head_outputs_over(model, images: Tensor, batch_size: int = 250) -> Tensor:
     return torch.cat(chunks)
 
 
+# ============================================================================ figures
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> plot.HTML:
+    """An HTML table; cells are HTML fragments (escape text before passing it)."""
+    head = "".join(f"<th>{cell}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return plot.HTML(f"<table style='align-self:flex-start'><tr>{head}</tr>{body}</table>")
+
+
+def _images_figure(display: Tensor, labels: Sequence[str]):
+    """Every image once, titled with its label."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    cols = min(len(labels), 6)
+    rows = math.ceil(len(labels) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(labels), horizontal_spacing=0.02, vertical_spacing=0.08)
+    for i, image in enumerate(display):
+        # the plotting module's conversion: [0, 1] or 0-255 images as they are, normalised ones stretched
+        fig.add_trace(go.Image(z=plot._image_rgb(image)), row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(title="the images, as drawn", width=_PANEL * cols + 60, height=(_PANEL + 20) * rows + 70,
+                      margin=dict(l=10, r=10, t=60, b=10))
+    return fig
+
+
+def _outline(mask: Tensor, grid: tuple[int, int], colour: str):
+    """The outline of a pixel mask, in the coordinates of a map with ``grid`` cells (cell centres at integers)."""
+    import plotly.graph_objects as go
+
+    height, width = mask.shape
+    ys = ((torch.arange(height) + 0.5) * grid[0] / height - 0.5).tolist()
+    xs = ((torch.arange(width) + 0.5) * grid[1] / width - 0.5).tolist()
+    return go.Contour(
+        z=mask.float().cpu().numpy(), x=xs, y=ys, showscale=False, hoverinfo="skip",
+        contours=dict(start=0.5, end=0.5, size=1, coloring="lines"), line=dict(width=1.5),
+        colorscale=[[0, colour], [1, colour]],  # line contours take their colour from the scale
+    )
+
+
+@dataclass
+class _Panel:
+    title: str
+    values: Tensor  # [rows, cols]
+    colorscale: str
+    signed: bool  # diverging scale centred at 0
+    outline: Tensor | None = None  # [H, W] bool pixel mask
+    outline_colour: str = "white"
+
+
+def _panel_figure(panels: Sequence[_Panel], cols: int, title: str, size: int = _PANEL):
+    """Maps drawn alone (no image under them), ``size`` pixels each, one colour scale per panel, outlines where given."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    cols = max(1, min(cols, len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p.title for p in panels],
+                        horizontal_spacing=0.02, vertical_spacing=40 / ((size + 30) * rows))
+    for i, panel in enumerate(panels):
+        values = panel.values.detach().float().cpu()
+        scale = dict(zmid=0.0) if panel.signed else {}
+        row, col = i // cols + 1, i % cols + 1
+        fig.add_trace(go.Heatmap(z=values.numpy(), colorscale=panel.colorscale, showscale=False,
+                                 hovertemplate="%{z:.3g}<extra></extra>", **scale), row=row, col=col)
+        if panel.outline is not None:
+            fig.add_trace(_outline(panel.outline, tuple(values.shape), panel.outline_colour), row=row, col=col)
+        axis = "" if i == 0 else str(i + 1)
+        fig.layout[f"yaxis{axis}"].scaleanchor = f"x{axis}"
+    fig.update_xaxes(visible=False, constrain="domain")
+    fig.update_yaxes(visible=False, autorange="reversed", constrain="domain")
+    fig.update_annotations(font_size=12)
+    fig.update_layout(title=title, width=(size + 10) * cols + 40, height=(size + 30) * rows + 70,
+                      margin=dict(l=10, r=10, t=70, b=10))
+    return fig
+
+
+# ============================================================================ sections
+
+
+def _images_section(display, labels, titles, class_names, predicted, scores) -> ReportSection:
+    header = ["image", *(["description"] if titles is not None else []), "best class", "score"]
+    rows = [
+        [html.escape(label), *([html.escape(titles[i])] if titles is not None else []),
+         html.escape(class_names[p]), f"{scores[i, p]:.3f}"]
+        for i, (label, p) in enumerate(zip(labels, predicted.tolist()))
+    ]
+    intro = (
+        f"The {len(labels)} image{'s' if len(labels) > 1 else ''} this report explains, each drawn once here; later "
+        "sections call them by their labels and draw their maps alone. An image's best class is the class whose "
+        "direction (the text embedding of its prompt for CLIP, its weight vector for a classifier) has the largest "
+        "dot product with the image representation, and every later section explains that score. The score column "
+        "is that dot product: compare it between the images of one model, not between models."
+    )
+    table = _table(header, rows)
+    return ReportSection("The images and their best class", intro, [_images_figure(display, labels), table])
+
+
+def _direct_effect_section(model, cache, heads, direction, cfg) -> tuple[ReportSection, Tensor]:
+    effect = (heads.values * direction[:, None]).sum(-1)  # [n, component]
+    per_head = effect[:, heads.head >= 0].reshape(len(direction), cfg.n_layers, cfg.n_heads)
+    layers = direct_contributions(model, cache, level="layer")
+    layer_effect = (layers.values * direction[:, None]).sum(-1).mean(0)
+    attn = [layer_effect[layers.labels.index(f"L{l}ATTN")].item() for l in range(cfg.n_layers)]
+    mlp = [layer_effect[layers.labels.index(f"L{l}MLP")].item() for l in range(cfg.n_layers)]
+    intro = (
+        "Each component's direct effect is what it writes into the image representation (through the residual "
+        "stream, with the final LayerNorm's scale fixed at its value for the image, so that the parts add up to the "
+        f"whole) projected on the best class's direction: the decomposition of {_GANDELSMAN}, which "
+        f"{_BALASUBRAMANIAN} extend to ViTs trained without text. In the grid, rows are layers and columns are "
+        "heads, averaged over the images; blue cells raise the best class's score and red cells lower it. The two "
+        "curves give, layer by layer, the summed effect of the attention heads and the effect of the MLP. A model that reads the class from "
+        "a few components shows a few dark cells; an effect spread thinly over every cell means that no single "
+        "head is responsible."
+    )
+    figures = [
+        plot.layer_head_grid(per_head.mean(0), title="direct effect of each head, mean over the images",
+                             text_format=None if cfg.n_heads > 8 else ".2f"),
+        plot.layer_curves({"attention": attn, "MLP": mlp}, title="direct effect of each layer, mean over the images",
+                          yaxis_title="direct effect"),
+    ]
+    return ReportSection("Direct effect of layers and heads on the best class's score", intro, figures), per_head
+
+
+def _cls_attention_section(cache, cfg, labels, true_masks) -> ReportSection:
+    panels = []
+    for i, label in enumerate(labels):
+        for layer in range(cfg.n_layers):
+            row = cache["pattern", layer][i, :, 0].mean(0)  # [key]: CLS query, mean over heads
+            grid = row[cfg.n_prefix_tokens :].reshape(*cache.grid_size)
+            outline = None if true_masks is None else true_masks[i]
+            panels.append(_Panel(f"{label}, L{layer}", grid, "Viridis", signed=False, outline=outline))
+    cols = min(cfg.n_layers, 6)
+    outlined = ", and the white line outlines the true objects" if true_masks is not None else ""
+    intro = (
+        "How much the CLS token attends to each image patch in every layer, averaged over the heads, as in the "
+        f"per-layer heatmaps of {_PEELING}. Each image gets one panel per layer, read left to right from the "
+        f"first layer; yellow marks the patches that CLS reads most{outlined}. Every panel has its own colour "
+        "scale, so compare where the attention falls, not how much (attention to CLS itself and to register tokens "
+        "is not drawn). A layer that reads the object puts its brightest patches on it; a flat panel, or one "
+        "bright background patch, means the layer gathers little from the object."
+    )
+    return ReportSection("Where CLS looks, layer by layer", intro,
+                         [_panel_figure(panels, cols, "CLS attention to the patches, mean over heads")])
+
+
+def _textspan_section(model, span_images, per_head, pool, pool_embeddings, n_heads_shown, n_texts) -> ReportSection:
+    from vit_lens.methods.textspan.textspan import textspan
+
+    cfg = model.cfg
+    outputs = head_outputs_over(model, span_images)  # [N, L, H, d]
+    importance = per_head.abs().mean(0).flatten()
+    chosen = importance.argsort(descending=True)[:n_heads_shown].tolist()
+    rows = []
+    for index in chosen:
+        layer, head = divmod(index, cfg.n_heads)
+        span = textspan(outputs[:, layer, head], pool_embeddings, n_texts=n_texts, reconstruct=False)
+        picks = sorted(zip(span.step_variance.tolist(), span.indices.tolist()), key=lambda pick: -pick[0])
+        items = ", ".join(f"'{html.escape(pool[t])}' ({100 * v:.1f}%)" for v, t in picks)
+        rows.append((span.cumulative, [f"L{layer}H{head}", f"{importance[index]:.3f}",
+                                       f"{100 * span.cumulative:.1f}%", items]))
+    rows.sort(key=lambda row: -row[0])
+    intro = (
+        f"TextSpan, the method of {_GANDELSMAN}, describes what a head writes: over {len(span_images)} images it picks, from a "
+        f"pool of {len(pool)} descriptions, one after another the text directions that explain the most variance "
+        "of the head's direct contribution. The table lists the "
+        f"{len(chosen)} heads with the largest mean absolute direct effect, sorted by the share of the head's "
+        f"variance that its {n_texts} descriptions explain together; within a row the descriptions are sorted by "
+        "the share each one adds when TextSpan picks it. A head with a high total whose descriptions name one property (a colour, a "
+        "shape) has a clear role, while a low total means that the pool has no words for what the head writes."
+    )
+    table = _table(["head", "mean |direct effect|", f"variance explained by {n_texts} texts",
+                    "descriptions (share of the head's variance each explains)"], [row for _, row in rows])
+    return ReportSection("TextSpan descriptions of the heads with the largest direct effects", intro, [table])
+
+
+def _segmentation_section(model, images, display, labels, class_names, class_directions, predicted,
+                          true_masks, object_colours) -> ReportSection:
+    from vit_lens.methods.segmentation.maps import SegmentationMetrics, colour_distance_maps, text_heatmaps, upsample
+
+    maps = text_heatmaps(model, images, class_directions.T)  # [n, k, rows, cols], mean over classes removed
+    chosen = maps[torch.arange(len(images)), predicted]
+    pixels = upsample(chosen[:, None], tuple(images.shape[-2:]))[:, 0]
+    closeness = None if object_colours is None else colour_distance_maps(display.float(), object_colours)
+    panels = []
+    for i, label in enumerate(labels):
+        outline = None if true_masks is None else true_masks[i]
+        panels.append(_Panel(f"{label}: text map", pixels[i], "RdBu_r", signed=True, outline=outline,
+                             outline_colour="black"))
+        if closeness is not None:
+            panels.append(_Panel(f"{label}: colour distance", closeness[i], "Viridis", signed=False,
+                                 outline=outline, outline_colour="white"))
+    cols = 2 if closeness is not None else min(len(labels), 4)
+    title = "text maps of the best class" + (" | no-model baseline" if closeness is not None else "")
+    content = [_panel_figure(panels, cols, title, size=200)]
+    method = (
+        f"The zero-shot map of {_GANDELSMAN} gives each patch the direct contribution of all heads through it, "
+        "projected on the best class's direction minus the mean over all the classes' directions; red patches "
+        "speak for the class and blue ones against it."
+    )
+    if true_masks is None:
+        intro = method + (
+            " No true masks were given, so the maps are not scored; on the toy world (<code>vit-lens demo</code> "
+            "with its default model) they are scored against the true masks, next to trivial baselines."
+        )
+        return ReportSection("Zero-shot segmentation of the best class", intro, content)
+    candidates = {"zero-shot text map": pixels, "all background (constant map)": torch.zeros_like(pixels)}
+    if closeness is not None:
+        candidates["colour distance (no model)"] = closeness
+    rows = []
+    for name, heatmaps in candidates.items():
+        metrics = SegmentationMetrics()
+        metrics.update(heatmaps, true_masks.to(heatmaps.device))
+        scores = metrics.compute()
+        per_image = []
+        for i in range(len(labels)):
+            single = SegmentationMetrics()
+            single.update(heatmaps[i : i + 1], true_masks[i : i + 1].to(heatmaps.device))
+            per_image.append(f"{100 * single.compute()['iou_foreground']:.1f}")
+        rows.append([html.escape(name), *(f"{100 * scores[key]:.1f}" for key in ("pixel_accuracy", "miou", "iou_foreground")),
+                     " / ".join(per_image)])
+    content.append(_table(["map", "pixel accuracy", "mIoU", "foreground IoU", "foreground IoU per image"], rows))
+    baselines = (
+        "an all-background map (constant) and the colour-distance map, which uses no model: each pixel's closeness "
+        "to the object's true colour (yellow for close), drawn next to the model's map"
+        if closeness is not None else "an all-background map (constant)"
+    )
+    intro = method + (
+        f" As in the protocol of {_CHEFER}, a map becomes a mask by keeping the pixels above its mean, and the table "
+        "scores that mask against the true objects (outlined) by pixel accuracy, mean IoU of background and object, "
+        "and the object's IoU, in percent, pooled over the images. The trivial baselines go through the same steps: "
+        f"{baselines}. A map is useful only where it beats them, and since the objects cover a small part of each "
+        "image an all-background map already has a high pixel accuracy, so read the foreground IoU first."
+    )
+    return ReportSection("Zero-shot segmentation next to trivial baselines", intro, content)
+
+
+# ============================================================================ the report
+
+
+def _check_inputs(images, class_names, class_directions, pool, pool_embeddings, display, titles, true_masks,
+                  object_colours) -> None:
+    n = len(images)
+    if class_directions.ndim != 2 or class_directions.shape[0] != len(class_names):
+        raise ValueError(
+            f"class_directions must be [n_classes={len(class_names)}, d_repr], got {tuple(class_directions.shape)}"
+        )
+    if (pool is None) != (pool_embeddings is None):
+        raise ValueError("pass both pool and pool_embeddings for the TextSpan section, or neither")
+    if len(display) != n:
+        raise ValueError(f"display_images must hold one image per image ({n}), got {len(display)}")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"titles must hold one caption per image ({n}), got {len(titles)}")
+    if true_masks is not None and tuple(true_masks.shape) != (n, *images.shape[-2:]):
+        raise ValueError(
+            f"true_masks must be [n_images, height, width] = {(n, *images.shape[-2:])} bool, got {tuple(true_masks.shape)}"
+        )
+    if object_colours is not None and tuple(object_colours.shape) != (n, display.shape[1]):
+        raise ValueError(
+            f"object_colours must be [n_images, channels] = {(n, display.shape[1])} (each image's object colour, in "
+            f"the value range of display_images), got {tuple(object_colours.shape)}"
+        )
+    flat = images.flatten(1)
+    for i in range(n):
+        same = [j for j in range(i + 1, n) if torch.equal(flat[i], flat[j])]
+        if same:
+            raise ValueError(f"images {i} and {same[0]} are identical; pass each image once")
+
+
 @torch.no_grad()
 def demo_report(
     model: Any,
@@ -58,6 +396,7 @@ def demo_report(
     display_images: Tensor | None = None,
     titles: Sequence[str] | None = None,
     true_masks: Tensor | None = None,
+    object_colours: Tensor | None = None,
     n_heads_shown: int = 6,
     n_texts: int = 5,
     model_name: str = "model",
@@ -67,7 +406,7 @@ def demo_report(
 
     Args:
         model: A :class:`vit_lens.HookedViT` (for a CLIP model, its ``.vision``).
-        images: ``[n, 3, H, W]`` model inputs (a few: every image gets its own panels).
+        images: ``[n, 3, H, W]`` model inputs (a few: every image gets its own panels); no two alike.
         class_names: Names of the classes (zero-shot prompts, or a classifier's labels).
         class_directions: ``[n_classes, d_repr]``: unit text embeddings of the prompts for CLIP,
             the classifier's weight columns for a timm model. Each image is explained with respect
@@ -77,28 +416,24 @@ def demo_report(
         textspan_images: Images whose head contributions TextSpan analyses (hundreds or more give
             meaningful descriptions; default: ``images``).
         out: Output HTML path.
-        display_images: What to draw under the maps (default: ``images``; pass unnormalised
-            images when ``images`` are normalised for the model).
-        titles: One caption per image.
-        true_masks: ``[n, H, W]`` bool foreground masks, if known: the segmentation is scored.
+        display_images: What to draw (default: ``images``; pass unnormalised images when ``images``
+            are normalised for the model).
+        titles: One description per image (a caption, a file name), listed in the first section.
+        true_masks: ``[n, H, W]`` bool foreground masks, if known: the segmentation is scored, next
+            to an all-background map scored the same way.
+        object_colours: ``[n, 3]``: each image's object colour in the value range of
+            ``display_images``, if known (the toy world knows it): adds the no-model colour-distance
+            baseline to the segmentation section.
         n_heads_shown: Heads described with TextSpan.
         n_texts: Descriptions per head.
         model_name: Shown in the title.
         log: Progress messages go here (None: silent).
     """
-    from vit_lens.methods.segmentation.maps import text_heatmaps, upsample
-    from vit_lens.methods.textspan.textspan import textspan
-
-    cfg = model.cfg
-    if class_directions.ndim != 2 or class_directions.shape[0] != len(class_names):
-        raise ValueError(
-            f"class_directions must be [n_classes={len(class_names)}, d_repr], got {tuple(class_directions.shape)}"
-        )
-    if (pool is None) != (pool_embeddings is None):
-        raise ValueError("pass both pool and pool_embeddings for the TextSpan section, or neither")
     display = images if display_images is None else display_images
-    titles = [f"image {i}" for i in range(len(images))] if titles is None else list(titles)
-    sections: list[tuple[str, Any]] = []
+    _check_inputs(images, class_names, class_directions, pool, pool_embeddings, display, titles, true_masks,
+                  object_colours)
+    cfg = model.cfg
+    labels = [f"image {i + 1}" for i in range(len(images))]
 
     _progress(f"caching {len(images)} image(s) ...", log)
     needed = set(required_hooks(model, "head")) | set(required_hooks(model, "layer"))
@@ -106,76 +441,28 @@ def demo_report(
     heads = direct_contributions(model, cache, level="head")
     scores = heads.sum() @ class_directions.T  # [n, k]
     predicted = scores.argmax(dim=1)
-    lines = [
-        f"{t}: best class '{class_names[p]}' (score {scores[i, p]:.3f})"
-        for i, (t, p) in enumerate(zip(titles, predicted.tolist()))
-    ]
-    sections.append(("Images and their best class", "\n".join(lines)))
+    sections = [_images_section(display, labels, titles, class_names, predicted, scores)]
 
     _progress("direct effects of layers and heads ...", log)
-    direction = class_directions[predicted]  # [n, d]
-    effect = (heads.values * direction[:, None]).sum(-1)  # [n, component]
-    per_head = effect[:, heads.head >= 0].reshape(len(images), cfg.n_layers, cfg.n_heads)
-    layers = direct_contributions(model, cache, level="layer")
-    layer_effect = (layers.values * direction[:, None]).sum(-1).mean(0)
-    attn = [layer_effect[layers.labels.index(f"L{l}ATTN")].item() for l in range(cfg.n_layers)]
-    mlp = [layer_effect[layers.labels.index(f"L{l}MLP")].item() for l in range(cfg.n_layers)]
-    sections.append(
-        (
-            "Direct effect on the best class's score",
-            [
-                plot.layer_head_grid(per_head.mean(0), title="heads, mean over the images", text_format=None if cfg.n_heads > 8 else ".2f"),
-                plot.layer_curves({"attention": attn, "MLP": mlp}, title="layers", yaxis_title="direct effect"),
-            ],
-        )
-    )
+    effects, per_head = _direct_effect_section(model, cache, heads, class_directions[predicted], cfg)
+    sections.append(effects)
 
     _progress("CLS attention maps per layer ...", log)
-    attention_maps = []
-    for i in range(len(images)):
-        rows = torch.stack([cache["pattern", l][i, :, 0].mean(0) for l in range(cfg.n_layers)])  # [layer, key]
-        grid = rows[:, cfg.n_prefix_tokens :].reshape(cfg.n_layers, *cache.grid_size)
-        attention_maps.append(
-            plot.image_heatmap_grid(
-                display[i], grid, titles=[f"L{l}" for l in range(cfg.n_layers)], cols=min(cfg.n_layers, 6),
-                title=f"{titles[i]}<br>CLS attention to patches (mean over heads)", shared_scale=False,
-            )
-        )
-    sections.append(("Where CLS looks, layer by layer", attention_maps))
+    sections.append(_cls_attention_section(cache, cfg, labels, true_masks))
 
     if pool is not None:
         _progress("TextSpan on the heads with the largest direct effects ...", log)
         span_images = images if textspan_images is None else textspan_images
-        outputs = head_outputs_over(model, span_images)  # [N, L, H, d]
-        importance = per_head.abs().mean(0).flatten()
-        chosen = importance.argsort(descending=True)[:n_heads_shown].tolist()
-        table = ["<table><tr><th>head</th><th>mean |direct effect|</th><th>TextSpan descriptions (variance explained)</th></tr>"]
-        for index in chosen:
-            layer, head = divmod(index, cfg.n_heads)
-            span = textspan(outputs[:, layer, head], pool_embeddings, n_texts=n_texts)
-            items = ", ".join(f"'{pool[t]}' ({100 * v:.0f}%)" for t, v in zip(span.indices.tolist(), span.step_variance.tolist()))
-            table.append(f"<tr><td>L{layer}H{head}</td><td>{importance[index]:.3f}</td><td>{items}</td></tr>")
-        table.append("</table>")
-        sections.append((f"TextSpan over {len(span_images)} images", plot.HTML("".join(table))))
+        sections.append(_textspan_section(model, span_images, per_head, pool, pool_embeddings, n_heads_shown, n_texts))
 
     _progress("zero-shot segmentation ...", log)
-    maps = text_heatmaps(model, images, class_directions.T)  # [n, k, rows, cols], mean over classes removed
-    chosen_maps = maps[torch.arange(len(images)), predicted]
-    pixels = upsample(chosen_maps[:, None], tuple(images.shape[-2:]))[:, 0]
-    figures, notes = [], []
-    for i in range(len(images)):
-        figures.append(plot.image_heatmap(display[i], pixels[i], title=f"{titles[i]}<br>map of '{class_names[predicted[i]]}'"))
-        if true_masks is not None:
-            guess = pixels[i] > pixels[i].mean()
-            truth = true_masks[i].to(guess.device)
-            iou = (guess & truth).sum() / (guess | truth).sum().clamp_min(1)
-            notes.append(f"{titles[i]}: IoU of the map thresholded at its mean with the true mask {iou:.2f}")
-    sections.append(("Zero-shot segmentation of the best class", figures + (["\n".join(notes)] if notes else [])))
+    sections.append(_segmentation_section(model, images, display, labels, class_names, class_directions, predicted,
+                                          true_masks, object_colours))
 
     intro = (
-        f"{model_name}: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, "
+        f"{html.escape(model_name)}: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, "
         f"{cfg.grid_size[0]}x{cfg.grid_size[1]} patches. Written by <code>vit-lens demo</code>."
     )
-    path = plot.write_html_report(sections, out, title=f"vit_lens: {model_name}", intro=intro)
+    path = write_report(sections, out, title=f"vit_lens: {model_name}", intro=intro)
     _progress(f"report written to {path.resolve()}", log)
     return path
