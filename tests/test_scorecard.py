@@ -56,30 +56,35 @@ def scores(untrained, data) -> sc.HeadScores:
 
 def hand_made(planted: PlantedModel, make) -> sc.HeadScores:
     """HeadScores of one method whose per-factor scores are ``make(head truth, group truth)``."""
-    heads, groups = {}, {}
+    heads, groups, reads = {}, {}, {}
     for factor in FACTORS:
-        truth_heads, truth_groups = sc.truth_labels(planted, factor)
+        truth_heads, truth_groups, truth_reads = sc.truth_labels(planted, factor)
         heads[factor], groups[factor] = make(truth_heads.float(), truth_groups.float())
-    return sc.HeadScores({"hand": sc.MethodScores(heads, groups)}, tuple(FACTORS), "classifier", 1, 1, 0)
+        reads[factor] = truth_reads.float()
+    return sc.HeadScores({"hand": sc.MethodScores(heads, groups, reads)}, tuple(FACTORS), "classifier", 1, 1, 0)
 
 
 # ---------------------------------------------------------------------------- comparison with the truth
 
 
-def test_truth_labels_put_each_planted_head_at_the_group_where_its_output_matters(untrained):
-    heads, groups = sc.truth_labels(untrained, "position")
+def test_truth_labels_put_each_planted_head_at_the_group_where_its_output_matters_and_the_one_it_reads(untrained):
+    heads, groups, reads = sc.truth_labels(untrained, "position")
     assert heads.nonzero().tolist() == [[0, 1], [2, 1]]
     # hop 1 writes into the patches, and hop 2 reads the background patches: that is where (0, 1) matters
     assert groups[0, 1].tolist() == [g == BACKGROUND_PATCHES for g in TOKEN_GROUPS]
     assert groups[2, 1].tolist() == [g == CLS for g in TOKEN_GROUPS]
     assert int(groups.sum()) == 2
-    colour_heads, colour_groups = sc.truth_labels(untrained, "colour")
+    # ... while hop 1 reads the object patches and hop 2 the background patches
+    assert reads[0, 1].tolist() == [g == OBJECT_PATCHES for g in TOKEN_GROUPS]
+    assert reads[2, 1].tolist() == [g == BACKGROUND_PATCHES for g in TOKEN_GROUPS] and int(reads.sum()) == 2
+    colour_heads, colour_groups, colour_reads = sc.truth_labels(untrained, "colour")
     assert colour_heads.nonzero().tolist() == [[0, 0]] and colour_groups.nonzero().tolist() == [[0, 0, 2]]
+    assert colour_reads.nonzero().tolist() == [[0, 0, 0]]
 
 
 def test_perfect_reversed_and_tied_rankings_score_what_they_should(untrained):
     perfect = sc.evaluate_against_truth(hand_made(untrained, lambda h, g: (h, g)), untrained)
-    assert all(row["ap"] == 1.0 and row["top1"] == 1.0 and row["group_ap"] == 1.0 for row in perfect)
+    assert all(row["ap"] == row["top1"] == row["group_ap"] == row["read_ap"] == 1.0 for row in perfect)
     reversed_rows = {r["factor"]: r for r in sc.evaluate_against_truth(
         hand_made(untrained, lambda h, g: (-h, -g)), untrained)}
     # one positive ranked last of 16: AP = 1/16; position's two tie for last, one threshold: AP = 2/16
@@ -122,12 +127,16 @@ def test_chance_average_precision_is_the_mean_over_every_ranking(n_positive, n_i
 
 def test_every_classifier_method_returns_finite_scores_of_the_right_shapes(scores, data):
     assert set(scores.methods) == set(sc.HEAD_METHODS) - {"textspan"}
+    with_reads = {"direct_contributions", "random"}
     for key, result in scores.methods.items():
+        assert (result.head_groups is None) == (key == "direct_contributions"), key
+        assert (result.head_reads is not None) == (key in with_reads), key
         for factor in FACTORS:
             assert result.heads[factor].shape == (4, 4), key
             assert torch.isfinite(result.heads[factor]).all(), key
-            assert result.head_groups[factor].shape == (4, 4, 3), key
-            assert torch.isfinite(result.head_groups[factor]).all(), key
+            for by_group in (result.head_groups, result.head_reads):
+                if by_group is not None:
+                    assert by_group[factor].shape == (4, 4, 3) and torch.isfinite(by_group[factor]).all(), key
     # the baselines: seeded random scores differ between factors, the variance ranking does not
     random = scores.methods["random"].heads
     assert not torch.equal(random["shape"], random["colour"])
@@ -137,10 +146,11 @@ def test_every_classifier_method_returns_finite_scores_of_the_right_shapes(score
 
 def test_scores_that_add_up_over_token_groups_do(scores):
     # attribution patching and direct contributions are linear: the three groups partition the tokens
-    for key in ("attribution_patching", "direct_contributions"):
+    for key, kind in (("attribution_patching", "head_groups"), ("direct_contributions", "head_reads")):
         result = scores.methods[key]
         for factor in FACTORS:
-            torch.testing.assert_close(result.head_groups[factor].sum(-1), result.heads[factor], atol=1e-4, rtol=1e-4)
+            by_group = getattr(result, kind)[factor]
+            torch.testing.assert_close(by_group.sum(-1), result.heads[factor], atol=1e-4, rtol=1e-4)
 
 
 def test_the_group_patch_at_every_token_is_the_libraries_head_patch(untrained, data, scores):
@@ -167,7 +177,7 @@ def test_every_method_runs_on_a_clip_with_its_zero_shot_readout():
     for key, result in scores.methods.items():
         for factor in ("colour", "count"):
             assert result.heads[factor].shape == (4, 4) and torch.isfinite(result.heads[factor]).all(), key
-            if key == "textspan":
+            if key in ("textspan", "direct_contributions"):
                 assert result.head_groups is None
             else:
                 assert result.head_groups[factor].shape == (4, 4, 3), key

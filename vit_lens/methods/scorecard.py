@@ -17,7 +17,8 @@ Two steps, kept apart so that no method can see the answer:
    pairs against the **token group where each planted head's output matters**: CLS for a head that
    writes into CLS; for a head that writes into the patch tokens (hop 1 of a two-hop route), the token
    group that the factor's later, CLS-writing head reads (for the classifier's ``position``: the
-   background patches). :func:`localisation_scores` scores object-localisation maps against the
+   background patches); and, for scores by the token a head *reads* (the decomposition's per-token terms),
+   average precision against the token group each planted head reads. :func:`localisation_scores` scores object-localisation maps against the
    world's true masks (foreground IoU, mIoU, pixel accuracy and mAP as
    :class:`~vit_lens.methods.segmentation.maps.SegmentationMetrics` computes them).
 
@@ -40,6 +41,7 @@ Head methods (:data:`HEAD_METHODS`; each reuses vit_lens's own implementation):
 - ``direct_contributions``: the head's direct contribution to the factor's logits
   (:func:`vit_lens.intervene.decompose.direct_contributions` onto the factor's readout directions);
   score = mean over images of (the true value's contribution minus the mean of the other values').
+  It has read-group scores and no output-group scores (a direct effect leaves through CLS only).
 - ``textspan`` (CLIP only): TextSpan (:func:`vit_lens.methods.textspan.textspan.textspan_all_heads`,
   5 texts a head from ``description_pool(2)``); score = the share of the head's variance explained
   by the picked texts that mention the factor. No token-group score.
@@ -47,14 +49,17 @@ Head methods (:data:`HEAD_METHODS`; each reuses vit_lens's own implementation):
   and ``output_variance`` (the variance over images of the head's output ``z W_O``, the same for every
   factor; per group, averaged over the group's tokens).
 
-Head x token group scores apply the same intervention at the group's tokens only (the groups are
-per image: the patches holding an object pixel, for pairs in either image of the pair, the other
-patches, and CLS); attribution patching sums its per-token estimates over the group, direct
-contributions sum the per-token terms (``level="head_token"``).
+Head x token group scores come in two kinds. By the position of the head's output (``head_groups``):
+the ablations and patching apply their intervention to the head's ``hook_z`` at the group's tokens only,
+attribution patching sums its per-token estimates over the group, and the variance baseline averages
+over the group's tokens. By the token the head reads (``head_reads``): direct contributions sum the
+``level="head_token"`` terms, which split a head's contribution by source token, over the group. The
+groups are per image: the patches holding an object pixel (for pairs, in either image of the pair),
+the other patches, and CLS.
 
 Example:
     >>> import vit_lens
-    >>> from vit_lens.methods.scorecard import evaluate_against_truth, score_heads
+    >>> from vit_lens.methods.scorecard import evaluate_against_truth, score_heads, scorecard
     >>> planted = vit_lens.load_planted("classifier")  # doctest: +SKIP
     >>> scores = score_heads(planted, n_images=128, n_pairs=32)  # doctest: +SKIP
     >>> rows = evaluate_against_truth(scores, planted)  # doctest: +SKIP
@@ -309,13 +314,15 @@ class MethodScores:
 
     Attributes:
         heads: Factor -> ``[n_layers, n_heads]``.
-        head_groups: Factor -> ``[n_layers, n_heads, 3]`` (groups in :data:`TOKEN_GROUPS` order), or
-            None where the method gives no token-group score.
+        head_groups: Factor -> ``[n_layers, n_heads, 3]`` (groups in :data:`TOKEN_GROUPS` order) by the
+            position of the head's output (the query token), or None where the method gives none.
+        head_reads: Factor -> ``[n_layers, n_heads, 3]`` by the token the head reads (the key token), or None.
         seconds: Wall-clock time of the method.
     """
 
     heads: dict[str, Tensor]
     head_groups: dict[str, Tensor] | None
+    head_reads: dict[str, Tensor] | None = None
     seconds: float = 0.0
 
 
@@ -458,8 +465,10 @@ def _separation(contributions: Tensor, values: Tensor) -> Tensor:
 
 @torch.no_grad()
 def direct_contribution_scores(model: Any, data: TaskData, readout: FactorReadout) -> MethodScores:
-    """The head's direct contribution to the factor's logits (per head, and per token group from the
-    ``head_token`` decomposition); score = mean over images of (true value minus the mean of the others)."""
+    """The head's direct contribution to the factor's logits; score = mean over images of (true value minus the
+    mean of the others). Per token group, the ``head_token`` decomposition splits the contribution by the token
+    the head reads (``head_reads``); by output position there is nothing to split: a direct effect leaves
+    through the CLS readout alone (``head_groups`` is None)."""
     _check_model(model)
     directions = torch.cat([readout.directions[f] for f in data.factors], dim=1)
     widths = [readout.directions[f].shape[1] for f in data.factors]
@@ -472,11 +481,11 @@ def direct_contribution_scores(model: Any, data: TaskData, readout: FactorReadou
     groups = token_groups(model, data.foreground).to(per_token)  # [n, pos, 3]
     grouped = torch.einsum("nlhpk,npg->nlhgk", per_token, groups)
     by_head = per_token.sum(3)
-    heads, head_groups = {}, {}
+    heads, head_reads = {}, {}
     for factor, part_head, part_group in zip(data.factors, by_head.split(widths, -1), grouped.split(widths, -1)):
         heads[factor] = _separation(part_head, data.labels[factor])
-        head_groups[factor] = _separation(part_group, data.labels[factor])
-    return MethodScores(heads, head_groups)
+        head_reads[factor] = _separation(part_group, data.labels[factor])
+    return MethodScores(heads, None, head_reads)
 
 
 @torch.no_grad()
@@ -506,15 +515,17 @@ def textspan_scores(model: Any, data: TaskData, readout: FactorReadout) -> Metho
 
 
 def random_scores(model: Any, data: TaskData, readout: FactorReadout) -> MethodScores:
-    """Baseline: a random score per head and per head x group for each factor, seeded by the data's seed."""
+    """Baseline: a random score per head, per head x output group and per head x read group for each factor,
+    seeded by the data's seed."""
     _check_model(model)
     n_layers, n_heads = _shape(model)
     generator = torch.Generator().manual_seed(data.seed)
-    heads, head_groups = {}, {}
+    heads, head_groups, head_reads = {}, {}, {}
     for factor in data.factors:
         heads[factor] = torch.rand(n_layers, n_heads, generator=generator)
         head_groups[factor] = torch.rand(n_layers, n_heads, len(TOKEN_GROUPS), generator=generator)
-    return MethodScores(heads, head_groups)
+        head_reads[factor] = torch.rand(n_layers, n_heads, len(TOKEN_GROUPS), generator=generator)
+    return MethodScores(heads, head_groups, head_reads)
 
 
 @torch.no_grad()
@@ -625,10 +636,10 @@ def score_heads(model: Any, n_images: int = 256, n_pairs: int = 64, seed: int = 
 # ============================================================================ comparison with the truth
 
 
-def truth_labels(planted: Any, factor: str) -> tuple[Tensor, Tensor]:
-    """The factor's positives in a :class:`PlantedModel`'s truth: ``[n_layers, n_heads]`` (its planted heads)
-    and ``[n_layers, n_heads, 3]`` (each planted head at the token group where its output matters, see the
-    module docstring)."""
+def truth_labels(planted: Any, factor: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The factor's positives in a :class:`PlantedModel`'s truth: ``[n_layers, n_heads]`` (its planted heads),
+    ``[n_layers, n_heads, 3]`` (each planted head at the token group where its output matters, see the
+    module docstring) and ``[n_layers, n_heads, 3]`` (each planted head at the token group it reads)."""
     if not isinstance(planted, PlantedModel):
         raise TypeError(f"the truth comes from a PlantedModel (vit_lens.load_planted), got {type(planted).__name__}")
     if factor not in planted.heads:
@@ -636,9 +647,11 @@ def truth_labels(planted: Any, factor: str) -> tuple[Tensor, Tensor]:
     n_layers, n_heads = _shape(planted.model)
     heads = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     groups = torch.zeros(n_layers, n_heads, len(TOKEN_GROUPS), dtype=torch.bool)
+    reads = torch.zeros_like(groups)
     planted_heads = [h for h in planted.planted_heads if h.factor == factor]
     for h in planted_heads:
         heads[h.layer, h.head] = True
+        reads[h.layer, h.head, TOKEN_GROUPS.index(h.reads)] = True
         if h.writes == CLS:
             groups[h.layer, h.head, TOKEN_GROUPS.index(CLS)] = True
             continue
@@ -648,7 +661,7 @@ def truth_labels(planted: Any, factor: str) -> tuple[Tensor, Tensor]:
                              "of the factor moves it to CLS; the truth is inconsistent")
         for reader in readers:
             groups[h.layer, h.head, TOKEN_GROUPS.index(reader.reads)] = True
-    return heads, groups
+    return heads, groups, reads
 
 
 def chance_average_precision(n_positive: int, n_items: int) -> float:
@@ -679,8 +692,9 @@ def top1_hit(scores: Tensor, positives: Tensor) -> float:
 
 
 def evaluate_against_truth(head_scores: HeadScores, planted: Any) -> list[dict[str, Any]]:
-    """One row per method and factor: AP over heads, top-1 hit and the head x group AP (None where the method
-    has no group scores), with the number of positives and the chance AP of a random ranking.
+    """One row per method and factor: AP over heads, top-1 hit, the head x output group AP and the head x read
+    group AP (None where the method has no such scores), with the number of positives and the chance AP of a
+    random ranking.
 
     Args:
         head_scores: From :func:`score_heads`.
@@ -691,7 +705,7 @@ def evaluate_against_truth(head_scores: HeadScores, planted: Any) -> list[dict[s
     rows = []
     for key, result in head_scores.methods.items():
         for factor in head_scores.factors:
-            heads, groups = truth_labels(planted, factor)
+            heads, groups, reads = truth_labels(planted, factor)
             scores = result.heads[factor]
             if scores.shape != heads.shape or not torch.isfinite(scores).all():
                 raise ValueError(f"{key} scored {factor} with a {tuple(scores.shape)} tensor (finite values "
@@ -703,12 +717,13 @@ def evaluate_against_truth(head_scores: HeadScores, planted: Any) -> list[dict[s
                 "top_head": _head_label(scores),
                 "n_positive": int(heads.sum()),
                 "chance_ap": chance_average_precision(int(heads.sum()), heads.numel()),
-                "group_ap": None,
                 "chance_group_ap": chance_average_precision(int(groups.sum()), groups.numel()),
+                "chance_read_ap": chance_average_precision(int(reads.sum()), reads.numel()),
             }
-            if result.head_groups is not None:
-                group_scores = result.head_groups[factor].flatten()[None].double()
-                row["group_ap"] = average_precision(group_scores, groups.flatten()[None]).item()
+            for name, method_scores, truth in (("group_ap", result.head_groups, groups),
+                                               ("read_ap", result.head_reads, reads)):
+                row[name] = None if method_scores is None else average_precision(
+                    method_scores[factor].flatten()[None].double(), truth.flatten()[None]).item()
             rows.append(row)
     return rows
 
@@ -719,19 +734,19 @@ def _head_label(scores: Tensor) -> str:
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method: mean AP, top-1 hits, mean head x group AP and mean chance AP over the factors."""
+    """Per method: mean AP, top-1 hits, mean head x group APs and mean chance APs over the factors."""
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
     summary = []
     for key in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == key]
-        groups = [row["group_ap"] for row in mine if row["group_ap"] is not None]
         summary.append({
-            "method": key,
-            "mean_ap": sum(row["ap"] for row in mine) / len(mine),
-            "top1_hits": sum(row["top1"] for row in mine),
-            "n_factors": len(mine),
-            "mean_group_ap": sum(groups) / len(groups) if groups else None,
-            "mean_chance_ap": sum(row["chance_ap"] for row in mine) / len(mine),
-            "mean_chance_group_ap": sum(row["chance_group_ap"] for row in mine) / len(mine),
+            "method": key, "top1_hits": sum(row["top1"] for row in mine), "n_factors": len(mine),
+            **{f"mean_{name}": mean([row[name] for row in mine])
+               for name in ("ap", "group_ap", "read_ap", "chance_ap", "chance_group_ap", "chance_read_ap")},
         })
     return summary
 
@@ -765,7 +780,7 @@ def localisation_scores(model: Any, n_images: int = 256, seed: int = SCORECARD_S
 
     Args:
         model: A HookedViT classifier of the toy world or a HookedCLIP (a PlantedModel: its ``.model``).
-        n_images: Fresh images (when ``batch`` is None).
+        n_images: Fresh images (when ``batch`` is None): the images :func:`task_data` draws with ``seed``.
         seed: Their seed.
         batch: A :class:`~vit_lens.toy.ToyBatch` to use instead.
 
@@ -778,7 +793,7 @@ def localisation_scores(model: Any, n_images: int = 256, seed: int = SCORECARD_S
     _check_model(model)
     readout = factor_readout(model)
     if batch is None:
-        batch = ToyWorld(seed=seed).sample(n_images, seed=seed + 100)
+        batch = ToyWorld(seed=seed).sample(n_images, seed=seed)
     images, colours = batch.images, batch.factors["colour"]
     target = readout.gradient_target("colour", colours)
     size = tuple(images.shape[-2:])
@@ -845,16 +860,19 @@ class Scorecard:
             (f"### Planted {self.model}: head attribution ({s['n_images']} images; {s['n_pairs']} pairs per "
              f"factor for patching; seed {s['seed']})"),
             "",
-            ("AP: average precision of the method's head scores against the factor's planted heads (16 heads), "
-             "averaged over the factors; top-1: factors whose best-scored head is planted for them; head x group "
-             "AP: the same over (head, token group) against the group where each planted head's output matters."),
+            (f"AP: average precision of the method's head scores against the factor's planted heads ({s['n_heads']} "
+             "heads), averaged over the factors. Top-1: factors whose best-scored head is planted for them. Output "
+             "group AP: the same over (head, token group) pairs, against the group where each planted head's output "
+             "matters (CLS for a head that writes into CLS; for the two-hop route's first head, the group the second "
+             "head reads). Read group AP: against the group each planted head reads."),
             "",
-            _table(["method", "mean AP", "top-1", "head x group AP", "seconds"], [
-                [METHOD_NAMES[r["method"]], f"{r['mean_ap']:.2f}", f"{r['top1_hits']:g}/{r['n_factors']}",
-                 "-" if r["mean_group_ap"] is None else f"{r['mean_group_ap']:.2f}", f"{r['seconds']:.1f}"]
+            _table(["method", "mean AP", "top-1", "output group AP", "read group AP", "seconds"], [
+                [METHOD_NAMES[r["method"]], _cell(r["mean_ap"]), f"{r['top1_hits']:g}/{r['n_factors']}",
+                 _cell(r["mean_group_ap"]), _cell(r["mean_read_ap"]), f"{r['seconds']:.1f}"]
                 for r in self.summary
-            ] + [["chance (expected AP of a random ranking)", f"{self.summary[0]['mean_chance_ap']:.2f}", "-",
-                  f"{self.summary[0]['mean_chance_group_ap']:.2f}", "-"]]),
+            ] + [["chance (expected AP of a random ranking)", _cell(self.summary[0]["mean_chance_ap"]), "-",
+                  _cell(self.summary[0]["mean_chance_group_ap"]), _cell(self.summary[0]["mean_chance_read_ap"]),
+                  "-"]]),
             "",
             "AP per factor (the best-scored head in brackets):",
             "",
@@ -880,6 +898,10 @@ class Scorecard:
             ]),
         ]
         return "\n".join(out)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -911,6 +933,7 @@ def scorecard(planted: Any, name: str | None = None, n_images: int = 256, n_pair
     localisation = localisation_scores(planted, n_localisation, seed) if n_localisation else []
     settings = {
         "n_images": n_images, "n_pairs": n_pairs, "n_localisation": n_localisation, "seed": seed,
+        "n_heads": _shape(planted.model)[0] * _shape(planted.model)[1],
         "date": datetime.date.today().isoformat(), "seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
