@@ -128,13 +128,14 @@ def _images_figure(display: Tensor, labels: Sequence[str]):
 
     cols = min(len(labels), 6)
     rows = math.ceil(len(labels) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(labels), horizontal_spacing=0.02, vertical_spacing=0.08)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(labels), horizontal_spacing=0.02,
+                        vertical_spacing=0.08)
     for i, image in enumerate(display):
         # the plotting module's conversion: [0, 1] or 0-255 images as they are, normalised ones stretched
         fig.add_trace(go.Image(z=plot._image_rgb(image)), row=i // cols + 1, col=i % cols + 1)
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
-    fig.update_layout(title="the images, as drawn", width=_PANEL * cols + 60, height=(_PANEL + 20) * rows + 70,
+    fig.update_layout(title="the images", width=_PANEL * cols + 60, height=(_PANEL + 20) * rows + 70,
                       margin=dict(l=10, r=10, t=60, b=10))
     return fig
 
@@ -164,7 +165,7 @@ class _Panel:
 
 
 def _panel_figure(panels: Sequence[_Panel], cols: int, title: str, size: int = _PANEL):
-    """Maps drawn alone (no image under them), ``size`` pixels each, one colour scale per panel, outlines where given."""
+    """Maps drawn alone (no image under them), ``size`` pixels each, one colour scale per panel, outlines if given."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -201,11 +202,12 @@ def _images_section(display, labels, titles, class_names, predicted, scores) -> 
         for i, (label, p) in enumerate(zip(labels, predicted.tolist()))
     ]
     intro = (
-        f"The {len(labels)} image{'s' if len(labels) > 1 else ''} this report explains, each drawn once here; later "
-        "sections call them by their labels and draw their maps alone. An image's best class is the class whose "
-        "direction (the text embedding of its prompt for CLIP, its weight vector for a classifier) has the largest "
-        "dot product with the image representation, and every later section explains that score. The score column "
-        "is that dot product: compare it between the images of one model, not between models."
+        f"These are the {len(labels)} image{'s' if len(labels) > 1 else ''} that the report explains, each drawn "
+        "once; later sections refer to them by their labels and draw their maps without the image. An image's best "
+        "class is the class whose direction (the text embedding of its prompt for CLIP, its weight vector for a "
+        "classifier) has the largest dot product with the image representation, and every later section explains "
+        "that score. The score column is that dot product: compare it between the images of one model, not between "
+        "models."
     )
     table = _table(header, rows)
     return ReportSection("The images and their best class", intro, [_images_figure(display, labels), table])
@@ -219,19 +221,19 @@ def _direct_effect_section(model, cache, heads, direction, cfg) -> tuple[ReportS
     attn = [layer_effect[layers.labels.index(f"L{l}ATTN")].item() for l in range(cfg.n_layers)]
     mlp = [layer_effect[layers.labels.index(f"L{l}MLP")].item() for l in range(cfg.n_layers)]
     intro = (
-        "Each component's direct effect is what it writes into the image representation (through the residual "
-        "stream, with the final LayerNorm's scale fixed at its value for the image, so that the parts add up to the "
-        f"whole) projected on the best class's direction: the decomposition of {_GANDELSMAN}, which "
-        f"{_BALASUBRAMANIAN} extend to ViTs trained without text. In the grid, rows are layers and columns are "
-        "heads, averaged over the images; blue cells raise the best class's score and red cells lower it. The two "
-        "curves give, layer by layer, the summed effect of the attention heads and the effect of the MLP. A model that reads the class from "
-        "a few components shows a few dark cells; an effect spread thinly over every cell means that no single "
-        "head is responsible."
+        "A component's direct effect is what it writes into the image representation, projected on the best "
+        "class's direction; with the final LayerNorm's scale fixed at its value for each image, the effects of all "
+        "components (with the embeddings and biases) add up to the score. This is the decomposition of "
+        f"{_GANDELSMAN}, which {_BALASUBRAMANIAN} extend to ViTs trained without text. The grid has a row per layer "
+        "and a column per head, averaged over the images, blue where a head raises the score and red where it "
+        "lowers it; the curves give, layer by layer, the summed effect of the attention heads and that of the MLP. "
+        "A model that reads the class from a few components shows a few dark cells, while an effect spread thinly "
+        "over every cell means that no single head is responsible."
     )
     figures = [
-        plot.layer_head_grid(per_head.mean(0), title="direct effect of each head, mean over the images",
+        plot.layer_head_grid(per_head.mean(0), title="direct effect per head",
                              text_format=None if cfg.n_heads > 8 else ".2f"),
-        plot.layer_curves({"attention": attn, "MLP": mlp}, title="direct effect of each layer, mean over the images",
+        plot.layer_curves({"attention": attn, "MLP": mlp}, title="direct effect per layer",
                           yaxis_title="direct effect"),
     ]
     return ReportSection("Direct effect of layers and heads on the best class's score", intro, figures), per_head
@@ -248,9 +250,9 @@ def _cls_attention_section(cache, cfg, labels, true_masks) -> ReportSection:
     cols = min(cfg.n_layers, 6)
     outlined = ", and the white line outlines the true objects" if true_masks is not None else ""
     intro = (
-        "How much the CLS token attends to each image patch in every layer, averaged over the heads, as in the "
-        f"per-layer heatmaps of {_PEELING}. Each image gets one panel per layer, read left to right from the "
-        f"first layer; yellow marks the patches that CLS reads most{outlined}. Every panel has its own colour "
+        "Each panel shows how much the CLS token attends to each image patch in one layer, averaged over the heads, "
+        f"as in the per-layer heatmaps of {_PEELING}. An image's panels run from the first layer to the last, left "
+        f"to right; yellow marks the patches that CLS reads most{outlined}. Every panel has its own colour "
         "scale, so compare where the attention falls, not how much (attention to CLS itself and to register tokens "
         "is not drawn). A layer that reads the object puts its brightest patches on it; a flat panel, or one "
         "bright background patch, means the layer gathers little from the object."
@@ -276,13 +278,14 @@ def _textspan_section(model, span_images, per_head, pool, pool_embeddings, n_hea
                                        f"{100 * span.cumulative:.1f}%", items]))
     rows.sort(key=lambda row: -row[0])
     intro = (
-        f"TextSpan, the method of {_GANDELSMAN}, describes what a head writes: over {len(span_images)} images it picks, from a "
-        f"pool of {len(pool)} descriptions, one after another the text directions that explain the most variance "
-        "of the head's direct contribution. The table lists the "
+        f"TextSpan, the method of {_GANDELSMAN}, describes what a head writes: from a pool of {len(pool)} "
+        "descriptions it picks, one at a time, the text direction that explains the most of the remaining variance "
+        f"of the head's direct contribution over {len(span_images)} images. The table lists the "
         f"{len(chosen)} heads with the largest mean absolute direct effect, sorted by the share of the head's "
         f"variance that its {n_texts} descriptions explain together; within a row the descriptions are sorted by "
-        "the share each one adds when TextSpan picks it. A head with a high total whose descriptions name one property (a colour, a "
-        "shape) has a clear role, while a low total means that the pool has no words for what the head writes."
+        "the share each one adds when TextSpan picks it. A head with a high total whose descriptions name one "
+        "property (a colour, a shape) has a clear role, while a low total means that the pool has no words for what "
+        "the head writes."
     )
     table = _table(["head", "mean |direct effect|", f"variance explained by {n_texts} texts",
                     "descriptions (share of the head's variance each explains)"], [row for _, row in rows])
@@ -306,12 +309,12 @@ def _segmentation_section(model, images, display, labels, class_names, class_dir
             panels.append(_Panel(f"{label}: colour distance", closeness[i], "Viridis", signed=False,
                                  outline=outline, outline_colour="white"))
     cols = 2 if closeness is not None else min(len(labels), 4)
-    title = "text maps of the best class" + (" | no-model baseline" if closeness is not None else "")
+    title = "text maps (left), no-model baseline (right)" if closeness is not None else "text maps of the best class"
     content = [_panel_figure(panels, cols, title, size=200)]
     method = (
-        f"The zero-shot map of {_GANDELSMAN} gives each patch the direct contribution of all heads through it, "
-        "projected on the best class's direction minus the mean over all the classes' directions; red patches "
-        "speak for the class and blue ones against it."
+        f"The zero-shot map of {_GANDELSMAN} scores each patch by the direct contribution that all heads write "
+        "through it, projected on the best class's direction minus the mean over the directions of all classes; red "
+        "patches speak for the class and blue ones against it."
     )
     if true_masks is None:
         intro = method + (
@@ -332,8 +335,8 @@ def _segmentation_section(model, images, display, labels, class_names, class_dir
             single = SegmentationMetrics()
             single.update(heatmaps[i : i + 1], true_masks[i : i + 1].to(heatmaps.device))
             per_image.append(f"{100 * single.compute()['iou_foreground']:.1f}")
-        rows.append([html.escape(name), *(f"{100 * scores[key]:.1f}" for key in ("pixel_accuracy", "miou", "iou_foreground")),
-                     " / ".join(per_image)])
+        pooled = [f"{100 * scores[key]:.1f}" for key in ("pixel_accuracy", "miou", "iou_foreground")]
+        rows.append([html.escape(name), *pooled, " / ".join(per_image)])
     content.append(_table(["map", "pixel accuracy", "mIoU", "foreground IoU", "foreground IoU per image"], rows))
     baselines = (
         "an all-background map (constant) and the colour-distance map, which uses no model: each pixel's closeness "
@@ -368,7 +371,8 @@ def _check_inputs(images, class_names, class_directions, pool, pool_embeddings, 
         raise ValueError(f"titles must hold one caption per image ({n}), got {len(titles)}")
     if true_masks is not None and tuple(true_masks.shape) != (n, *images.shape[-2:]):
         raise ValueError(
-            f"true_masks must be [n_images, height, width] = {(n, *images.shape[-2:])} bool, got {tuple(true_masks.shape)}"
+            f"true_masks must be [n_images, height, width] = {(n, *images.shape[-2:])} bool, got "
+            f"{tuple(true_masks.shape)}"
         )
     if object_colours is not None and tuple(object_colours.shape) != (n, display.shape[1]):
         raise ValueError(
