@@ -9,8 +9,9 @@
 The first run creates ./.venv and installs the package with its test extras; later runs reuse
 it, and reinstall only when pyproject.toml changes. `test` also keeps ./.venv-tl3 the same way:
 vit_lens installed beside sae-lens 6.x, which requires transformer-lens < 4. There the smoke set
-(model equivalence, hooks, cache, the TransformerLens version checks) shows vit_lens works with
-TransformerLens 3.x and SAELens in one environment. The exit status is non-zero if either run fails.
+(model equivalence, hooks, cache, the TransformerLens version checks, and the SAEs with their
+file round trips against sae-lens) shows vit_lens works with TransformerLens 3.x and SAELens in one
+environment. The exit status is non-zero if either run fails.
 """
 
 import hashlib
@@ -77,6 +78,7 @@ SMOKE_TESTS = (
     "tests/test_hooks.py",
     "tests/test_cache.py",
     "tests/test_transformer_lens_versions.py",
+    "tests/test_sae.py",  # includes the file round trips against sae-lens itself
 )
 OFFLINE = dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
 

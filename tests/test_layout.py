@@ -24,6 +24,7 @@ FLOORS = [
     ("vit_lens.intervene", 3),
     ("vit_lens.toy", 3),
     ("vit_lens.planted", 3),
+    ("vit_lens.sae", 3),
     ("vit_lens.methods", 4),
     ("vit_lens.viz", 5),
     ("vit_lens.cli", 6),

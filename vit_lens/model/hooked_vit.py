@@ -3,7 +3,7 @@
 import functools
 import numbers
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -598,6 +598,34 @@ class HookedViT(HookedRootModule):
             reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts, pos_slice=pos_slice,
         )
 
+    def run_with_saes(
+        self, *model_args: Any, saes: Any, use_error_term: bool = False, **model_kwargs: Any
+    ) -> Tensor | None:
+        """Run the model with sparse autoencoders spliced in, as SAELens's ``HookedSAETransformer.run_with_saes``.
+
+        Args:
+            saes: A :class:`vit_lens.sae.SAE` or a list of them; each replaces the activation at its
+                hook point (at the tokens it was trained on) while the model runs, and its feature
+                activations are hook points such as ``blocks.3.hook_resid_post.hook_sae_acts_post``.
+            use_error_term: Add each SAE's error back, so the output is the clean output unless a
+                hook edits the features.
+
+        ``model_args`` / ``model_kwargs`` go to :meth:`forward`. :mod:`vit_lens.sae.splice` describes
+        splicing; ``vit_lens.sae.run_with_saes(clip, images, texts, saes=...)`` runs a HookedCLIP with texts.
+
+        Example:
+            >>> out = model.run_with_saes(images, saes=[sae], use_error_term=True)  # doctest: +SKIP
+        """
+        with _saes_spliced(self, saes, use_error_term, model_args):
+            return self(*model_args, **model_kwargs)
+
+    def run_with_cache_with_saes(
+        self, *model_args: Any, saes: Any, use_error_term: bool = False, **run_with_cache_kwargs: Any
+    ) -> tuple[Tensor | None, VisionActivationCache]:
+        """:meth:`run_with_cache` with ``saes`` spliced in (see :meth:`run_with_saes`); the cache holds their hook points."""
+        with _saes_spliced(self, saes, use_error_term, model_args):
+            return self.run_with_cache(*model_args, **run_with_cache_kwargs)
+
     def _cache_run(
         self,
         call: Callable[..., Any],
@@ -992,6 +1020,33 @@ def _images_of(model_args: tuple, model_kwargs: dict[str, Any]) -> Any:
     if model_args:
         return model_args[0]
     return model_kwargs.get("images", model_kwargs.get("input"))
+
+
+@contextmanager
+def _saes_spliced(model: "HookedViT", saes: Any, use_error_term: bool, model_args: tuple) -> Iterator[None]:
+    """``saes`` spliced into ``model`` for the block, each through its own ``spliced_into(model, use_error_term=...)``.
+
+    The SAE objects bring the splicing (``vit_lens.sae.SAE.spliced_into``), so this floor never
+    imports the SAE package above it; anything without that method is refused here.
+    """
+    if len(model_args) > 1:
+        raise TypeError(
+            "HookedViT.run_with_saes takes the images only. For a HookedCLIP's image-text logits use "
+            "vit_lens.sae.run_with_saes(clip, images, texts, saes=[...])."
+        )
+    saes = [saes] if hasattr(saes, "spliced_into") else saes
+    if isinstance(saes, (str, bytes)) or not isinstance(saes, Sequence):
+        raise TypeError(f"saes must be a vit_lens.sae.SAE or a list of them, got a {type(saes).__name__}")
+    for sae in saes:
+        if not callable(getattr(sae, "spliced_into", None)):
+            raise TypeError(
+                f"saes must hold vit_lens.sae.SAE objects, got a {type(sae).__name__}; load SAELens files with "
+                "vit_lens.sae.load_sae(folder), or convert a SAELens SAE with vit_lens.sae.from_sae_lens(sae)."
+            )
+    with ExitStack() as stack:
+        for sae in saes:
+            stack.enter_context(sae.spliced_into(model, use_error_term=use_error_term))
+        yield
 
 
 def _check_bwd_hooks_survive(bwd_hooks: HookList | None, reset_hooks_end: bool) -> None:
