@@ -1,7 +1,9 @@
 """vit_lens.sae: the SAE architectures on hand-made inputs, SAELens / ViT-Prisma files, and splicing into models."""
 
 import json
+import re
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -471,12 +473,36 @@ def test_feature_activations_are_cached_and_ablating_one_moves_the_output_by_its
     torch.testing.assert_close(without_error, predicted, atol=1e-5, rtol=0)
 
 
-def test_gradients_reach_the_feature_hook_points(tiny_model, images):
+@pytest.mark.parametrize("use_error_term", [False, True])
+def test_gradients_reach_the_features_through_their_decoder_rows(tiny_model, images, use_error_term):
     sae = make_sae("standard", hook_name=RESID)
-    name = f"{RESID}.hook_sae_acts_post"
-    _, cache = run_with_cache_with_saes(tiny_model, images, saes=[sae], names_filter=[name], incl_bwd=True,
-                                        metric=lambda out: out.sum())
-    assert cache[f"{name}_grad"].shape == cache[name].shape and cache[f"{name}_grad"].abs().sum() > 0
+    acts, output = f"{RESID}.hook_sae_acts_post", f"{RESID}.hook_sae_output"
+    _, cache = run_with_cache_with_saes(tiny_model, images, saes=[sae], names_filter=[acts, output], incl_bwd=True,
+                                        metric=lambda out: out.square().sum(), use_error_term=use_error_term)
+    assert cache[f"{acts}_grad"].abs().sum() > 0
+    torch.testing.assert_close(cache[f"{acts}_grad"], cache[f"{output}_grad"] @ sae.W_dec.detach().T, atol=1e-5,
+                               rtol=1e-4)
+    # A backward hook alone (nothing observes the forward pass) sees the same gradient.
+    seen = {}
+    with spliced(tiny_model, [sae], use_error_term=use_error_term):
+        out = tiny_model.run_with_hooks(images, bwd_hooks=[(acts, lambda grad, hook: seen.setdefault("grad", grad))],
+                                        reset_hooks_end=False)
+        out.square().sum().backward()
+        tiny_model.reset_hooks()
+    torch.testing.assert_close(seen["grad"], cache[f"{acts}_grad"], atol=1e-5, rtol=1e-4)
+
+
+def test_with_the_error_term_gradients_are_the_clean_models(tiny_model, images):
+    sae = make_sae("jumprelu", hook_name=RESID)
+    transcoder = make_sae("topk", k=4, hook_name="blocks.0.ln2.hook_normalized", hook_name_out="blocks.0.hook_mlp_out")
+    pixels = images.clone().requires_grad_(True)
+    (clean,) = torch.autograd.grad(tiny_model(pixels).square().sum(), pixels)
+    with spliced(tiny_model, [sae, transcoder], use_error_term=True):
+        (spliced_grad,) = torch.autograd.grad(tiny_model(pixels).square().sum(), pixels)
+    torch.testing.assert_close(spliced_grad, clean, atol=1e-5, rtol=1e-4)
+    with spliced(tiny_model, [sae, transcoder]):
+        (replaced,) = torch.autograd.grad(tiny_model(pixels).square().sum(), pixels)
+    assert (replaced - clean).abs().max() > 1e-3
 
 
 def test_removing_the_sae_restores_the_model_exactly(tiny_model, images):
@@ -548,6 +574,23 @@ def test_splicing_errors_name_the_problem(tiny_model, images):
         with pytest.raises(ValueError, match="Another SAE is already spliced in"):
             run_with_saes(tiny_model, images, saes=[make_sae(hook_name=RESID)])
     assert torch.equal(tiny_model(images), clean)  # every failed splice was undone
+
+
+def test_the_docs_page_examples_run_and_their_numbers_hold(tmp_path, monkeypatch):
+    page = (Path(__file__).parents[1] / "docs" / "sae.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", page, flags=re.DOTALL | re.MULTILINE)
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"docs/sae.md block {index}", "exec"), namespace)
+    assert namespace["features"].shape == (4, 65, 512)
+    assert ((namespace["features"] > 0).sum(-1) <= 16).all()
+    assert sorted(p.name for p in (tmp_path / "saes" / "toy_clip_resid2").iterdir()) == [
+        "cfg.json", "sae_weights.safetensors"]
+    clean = namespace["clean"]
+    assert (namespace["replaced"] - clean).abs().max() > 1e-2
+    assert (namespace["ablated"] - clean).abs().max() > 1e-4
 
 
 # ------------------------------------------------------------------ SAELens (installed beside vit_lens in .venv-tl3)

@@ -472,9 +472,11 @@ class SAE(HookedRootModule):
         Args:
             x: ``[..., d_in]`` input activations.
             use_error_term: Add ``hook_sae_error = target - decode(encode(x))``, computed without
-                gradient and without the hooks (as SAELens), so the output equals ``target`` when
-                no hook edits the features, and moves by exactly the edit's decoded effect when one
-                does.
+                the hooks (as SAELens), so the output equals ``target`` when no hook edits the
+                features, and moves by exactly the edit's decoded effect when one does. Gradients
+                flow through the error (unlike SAELens, which makes it a constant): the output's
+                gradient with respect to ``x`` and ``target`` is the clean model's, and a feature's
+                gradient is what reaches it through its decoder row, as for any hook point.
             target: The activation the output stands in for: ``x`` for an SAE (the default), the
                 activation at ``hook_name_out`` for a transcoder (required there with
                 ``use_error_term``).
@@ -496,12 +498,16 @@ class SAE(HookedRootModule):
             out = out + self.hook_sae_error(error)
         return self.hook_sae_output(out)
 
-    @torch.no_grad()
     def _clean_output(self, x: Tensor, output: Tensor) -> Tensor:
-        """``decode(encode(x))`` without the hooks: ``output`` itself where no hook could have edited it."""
+        """``decode(encode(x))`` without the hooks, on a path of its own when gradients are on.
+
+        With gradients off and no hook that could have edited it, that is ``output`` itself. With
+        gradients on it is always recomputed, so that ``output - clean`` cancels in the gradient
+        with respect to ``x`` while the features keep theirs.
+        """
         points = (self.hook_sae_input, self.hook_sae_acts_pre, self.hook_sae_acts_post, self.hook_sae_recons)
-        if not any(point.fwd_hooks for point in points):
-            return output.detach()
+        if not torch.is_grad_enabled() and not any(point.fwd_hooks for point in points):
+            return output
         x = x.to(self.W_enc.dtype)
         stats = self._normalisation(x)
         acts = self._activation(self._pre_acts(self._normalise(x, stats)))

@@ -12,7 +12,9 @@ The SAE's hook points join the model's under the output hook point's name, as in
 selected tokens), ``...hook_sae_input``, ``...hook_sae_acts_pre``, ``...hook_sae_recons``,
 ``...hook_sae_error`` (with the error term) and ``...hook_sae_output``. So ``run_with_cache``
 caches them, ``run_with_hooks`` patches and ablates features, and gradients reach them
-(``incl_bwd=True``; the error term is a constant there, as in SAELens).
+(``incl_bwd=True``). With the error term the gradients at the model's own hook points are the
+clean model's too: unlike SAELens, which makes the error a constant, vit_lens lets gradients flow
+through it, so only the features' share of the gradient goes through the SAE.
 
 Design (the model never imports this package): splicing uses only the model's public hook
 API. The replacement is a permanent TransformerLens hook at the output hook point, first in
