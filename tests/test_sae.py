@@ -271,6 +271,8 @@ def test_save_is_atomic_and_refuses_to_overwrite_by_accident(tmp_path, monkeypat
     folder = save_sae(first, tmp_path / "sae")
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         save_sae(second, folder)
+    with pytest.raises(TypeError, match="save_sae saves a vit_lens.sae.SAE, got a dict"):
+        save_sae({}, tmp_path / "other")
     import safetensors.torch
 
     def failing_save_file(*args, **kwargs):
@@ -414,6 +416,14 @@ def test_error_term_splice_leaves_clip_logits_unchanged_with_texts(clip, toy_ima
     torch.testing.assert_close(run_with_saes(clip, toy_images, texts, saes=saes, use_error_term=True), clean,
                                atol=1e-4, rtol=0)
     assert (run_with_saes(clip, toy_images, texts, saes=saes) - clean).abs().max() > 1e-2
+
+
+def test_an_sae_of_another_dtype_computes_in_its_own_and_hands_back_the_models(tiny_model, images):
+    sae = make_sae("topk", k=4, hook_name=RESID).to(torch.float64)
+    assert sae.cfg.dtype == "float64"
+    _, cache = run_with_cache_with_saes(tiny_model, images, saes=[sae], use_error_term=True)
+    assert cache[f"{RESID}.hook_sae_acts_post"].dtype == torch.float64 and cache[RESID].dtype == torch.float32
+    torch.testing.assert_close(run_with_saes(tiny_model, images, saes=sae, use_error_term=True), tiny_model(images))
 
 
 def test_splice_replaces_the_activation_by_the_sae_output(tiny_model, images):
@@ -565,6 +575,9 @@ def test_splicing_errors_name_the_problem(tiny_model, images):
                                                          hook_name_out="blocks.0.hook_mlp_out")])
     with pytest.raises(ValueError, match="has no hook_name, so it cannot be spliced"):
         run_with_saes(tiny_model, images, saes=[make_sae()])
+    on_meta = SAE(SAEConfig(d_in=32, d_sae=8, hook_name=RESID, device="meta"))
+    with pytest.raises(ValueError, match=r"The SAE is on meta but the model is on cpu; move it with sae.to\(device\)"):
+        run_with_saes(tiny_model, images, saes=on_meta)
     sae = make_sae(hook_name=RESID)
     with pytest.raises(ValueError, match="Two SAEs write the same hook point"):
         run_with_saes(tiny_model, images, saes=[sae, make_sae(hook_name=RESID)])
@@ -627,3 +640,19 @@ def test_vit_lens_loads_what_sae_lens_saves(case, tmp_path):
     from vit_lens.sae import from_sae_lens
 
     torch.testing.assert_close(from_sae_lens(theirs)(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_sae_lens_object_is_refused_with_the_conversion_and_splices_once_converted(tiny_model, images):
+    sae_lens = pytest.importorskip("sae_lens")
+    theirs = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=32, d_sae=48))
+    with pytest.raises(TypeError, match=r"got a StandardSAE\. Convert a SAELens SAE with vit_lens.sae.from_sae_lens"):
+        run_with_saes(tiny_model, images, saes=[theirs])
+    with pytest.raises(TypeError, match=r"got a StandardSAE; .*vit_lens.sae.from_sae_lens\(sae\)"):
+        tiny_model.run_with_saes(images, saes=theirs)
+    from vit_lens.sae import from_sae_lens
+
+    ours = from_sae_lens(theirs)
+    ours.cfg.hook_name = RESID
+    _, cache = tiny_model.run_with_cache(images, names_filter=RESID)
+    expected = tiny_model.run_with_hooks(images, fwd_hooks=[(RESID, lambda resid, hook: theirs(cache[RESID]))])
+    torch.testing.assert_close(run_with_saes(tiny_model, images, saes=ours), expected)

@@ -1034,15 +1034,16 @@ def _saes_spliced(model: "HookedViT", saes: Any, use_error_term: bool, model_arg
             "HookedViT.run_with_saes takes the images only. For a HookedCLIP's image-text logits use "
             "vit_lens.sae.run_with_saes(clip, images, texts, saes=[...])."
         )
+    advice = (
+        "load SAELens or ViT-Prisma files with vit_lens.sae.load_sae(folder), or convert a SAELens SAE object with "
+        "vit_lens.sae.from_sae_lens(sae)."
+    )
     saes = [saes] if hasattr(saes, "spliced_into") else saes
     if isinstance(saes, (str, bytes)) or not isinstance(saes, Sequence):
-        raise TypeError(f"saes must be a vit_lens.sae.SAE or a list of them, got a {type(saes).__name__}")
+        raise TypeError(f"saes must be a vit_lens.sae.SAE or a list of them, got a {type(saes).__name__}; {advice}")
     for sae in saes:
         if not callable(getattr(sae, "spliced_into", None)):
-            raise TypeError(
-                f"saes must hold vit_lens.sae.SAE objects, got a {type(sae).__name__}; load SAELens files with "
-                "vit_lens.sae.load_sae(folder), or convert a SAELens SAE with vit_lens.sae.from_sae_lens(sae)."
-            )
+            raise TypeError(f"saes must hold vit_lens.sae.SAE objects, got a {type(sae).__name__}; {advice}")
     with ExitStack() as stack:
         for sae in saes:
             stack.enter_context(sae.spliced_into(model, use_error_term=use_error_term))

@@ -128,7 +128,13 @@ def _exportable_copy(sae: SAE, fold_scaling_factor: bool) -> SAE:
     return copy
 
 
-def save_sae(sae: SAE, path: str | Path, *, fold_scaling_factor: bool = True, overwrite: bool = False) -> Path:
+def save_sae(
+    sae: Any,  # checked below, with a directed message
+    path: str | Path,
+    *,
+    fold_scaling_factor: bool = True,
+    overwrite: bool = False,
+) -> Path:
     """Write ``sae`` to the folder ``path`` in SAELens's format (``cfg.json`` + ``sae_weights.safetensors``).
 
     Args:

@@ -180,16 +180,20 @@ def _remove(point: Any, handle: Any) -> None:
             handles.remove(handle)
 
 
+def _not_an_sae(obj: Any) -> TypeError:
+    from_sae_lens = type(obj).__module__.startswith("sae_lens")
+    hint = " Convert a SAELens SAE with vit_lens.sae.from_sae_lens(sae)." if from_sae_lens else ""
+    return TypeError(f"saes must hold vit_lens.sae.SAE objects, got a {type(obj).__name__}.{hint}")
+
+
 @contextmanager
-def splice_one(model: Any, sae: SAE, *, use_error_term: bool = False) -> Iterator[SAE]:
+def splice_one(model: Any, sae: Any, *, use_error_term: bool = False) -> Iterator[SAE]:
     """Context manager: ``sae`` spliced into ``model`` (a HookedViT, or a HookedCLIP's image tower) for the block.
 
     :func:`spliced` takes several SAEs; the module docstring describes what splicing does.
     """
     if not isinstance(sae, SAE):
-        from_sae_lens = type(sae).__module__.startswith("sae_lens")
-        hint = " Convert a SAELens SAE with vit_lens.sae.from_sae_lens(sae)." if from_sae_lens else ""
-        raise TypeError(f"saes must hold vit_lens.sae.SAE objects, got a {type(sae).__name__}.{hint}")
+        raise _not_an_sae(sae)
     if not isinstance(use_error_term, bool):
         raise TypeError(f"use_error_term must be True or False, got {use_error_term!r}")
     tower = image_tower(model)
@@ -267,7 +271,10 @@ def _as_sae_list(saes: Any) -> list[SAE]:
     if isinstance(saes, (str, bytes)) or not isinstance(saes, Sequence):
         raise TypeError(f"saes must be an SAE or a list of SAEs, got a {type(saes).__name__}")
     saes = list(saes)
-    outputs = [sae.cfg.output_hook_name for sae in saes if isinstance(sae, SAE)]
+    for sae in saes:
+        if not isinstance(sae, SAE):
+            raise _not_an_sae(sae)
+    outputs = [sae.cfg.output_hook_name for sae in saes]
     repeated = sorted({name for name in outputs if outputs.count(name) > 1 and name is not None})
     if repeated:
         raise ValueError(
@@ -277,7 +284,7 @@ def _as_sae_list(saes: Any) -> list[SAE]:
 
 
 @contextmanager
-def spliced(model: Any, saes: SAE | Sequence[SAE], *, use_error_term: bool = False) -> Iterator[Any]:
+def spliced(model: Any, saes: Any, *, use_error_term: bool = False) -> Iterator[Any]:
     """Context manager: ``saes`` spliced into ``model`` for the block; on exit the model is exactly as before.
 
     Args:
@@ -298,7 +305,7 @@ def spliced(model: Any, saes: SAE | Sequence[SAE], *, use_error_term: bool = Fal
 
 
 def run_with_saes(
-    model: Any, *model_args: Any, saes: SAE | Sequence[SAE], use_error_term: bool = False, **model_kwargs: Any
+    model: Any, *model_args: Any, saes: Any, use_error_term: bool = False, **model_kwargs: Any
 ) -> Tensor | None:
     """``model(*model_args, **model_kwargs)`` with ``saes`` spliced in (a HookedCLIP takes texts too)."""
     with spliced(model, saes, use_error_term=use_error_term):
@@ -306,7 +313,7 @@ def run_with_saes(
 
 
 def run_with_cache_with_saes(
-    model: Any, *model_args: Any, saes: SAE | Sequence[SAE], use_error_term: bool = False, **kwargs: Any
+    model: Any, *model_args: Any, saes: Any, use_error_term: bool = False, **kwargs: Any
 ) -> tuple[Tensor | None, Any]:
     """``model.run_with_cache(*model_args, **kwargs)`` with ``saes`` spliced in; the cache holds their hook points."""
     with spliced(model, saes, use_error_term=use_error_term):
@@ -314,7 +321,7 @@ def run_with_cache_with_saes(
 
 
 def run_with_hooks_with_saes(
-    model: Any, *model_args: Any, saes: SAE | Sequence[SAE], use_error_term: bool = False, **kwargs: Any
+    model: Any, *model_args: Any, saes: Any, use_error_term: bool = False, **kwargs: Any
 ) -> Tensor | None:
     """``model.run_with_hooks(*model_args, **kwargs)`` with ``saes`` spliced in; hooks may name their hook points."""
     with spliced(model, saes, use_error_term=use_error_term):
