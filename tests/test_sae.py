@@ -394,8 +394,9 @@ def toy_images():
 
 
 def _hook_state(model):
-    return {name: (len(p.fwd_hooks), len(p.bwd_hooks), len(p._forward_hooks), len(p._forward_pre_hooks))
-            for name, p in model.hook_dict.items()}
+    points = {name: (len(p.fwd_hooks), len(p.bwd_hooks), len(p._forward_hooks), len(p._forward_pre_hooks))
+              for name, p in model.hook_dict.items()}
+    return points, len(model._forward_hooks), len(model._forward_pre_hooks)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURE_CASES)

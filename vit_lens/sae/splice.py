@@ -225,7 +225,7 @@ def splice_one(model: Any, sae: Any, *, use_error_term: bool = False) -> Iterato
     splice = _Splice(sae, _token_slice(cfg.token_selection, tower.cfg, sae), use_error_term)
     with tower.hooks():  # holds the model's run lock: no other thread runs it half-spliced
         sae_points = {name: getattr(sae, name) for name in HOOK_NAMES}
-        existing = {name: (list(p.fwd_hooks), list(p.bwd_hooks)) for name, p in sae_points.items()}
+        existing = {name: {id(h) for h in [*p.fwd_hooks, *p.bwd_hooks]} for name, p in sae_points.items()}
         added: list[tuple[Any, Any]] = []
         undo: list[Callable[[], None]] = []
         try:
@@ -254,10 +254,7 @@ def splice_one(model: Any, sae: Any, *, use_error_term: bool = False) -> Iterato
             for remove in undo:
                 remove()
             for name, point in sae_points.items():
-                fwd, bwd = existing[name]
-                added_meanwhile = [h for h in point.fwd_hooks if h not in fwd]
-                added_meanwhile += [h for h in point.bwd_hooks if h not in bwd]
-                for handle in added_meanwhile:
+                for handle in [h for h in [*point.fwd_hooks, *point.bwd_hooks] if id(h) not in existing[name]]:
                     _remove(point, handle)
                 out_point._modules.pop(name, None)
             tower.setup()
