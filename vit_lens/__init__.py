@@ -5,7 +5,8 @@ The package is built in floors, each importing only from the ones below it::
     utils, model.config, model.hook_layout   progress bars, plotly helpers, the config and hook layout (data)
     loading/                                  source libraries (open_clip, timm, transformers) and datasets
     model/                                    HookedViT, HookedCLIP, components, activation cache
-    intervene/  toy/                          decomposition, interventions, patching, statistics, stores; the toy world
+    intervene/  toy/  planted/  sae/          decomposition, interventions, patching, statistics, stores; the toy world;
+                                              the planted-mechanism models; sparse autoencoders
     methods/                                  the papers' methods, one subpackage a family
     viz/  cli                                 the HTML report and the ``vit-lens`` command
 
@@ -66,7 +67,7 @@ SHORT_NAMES = {
     "report": "vit_lens.viz.report",
     "widgets": "vit_lens.viz.widgets",
 }
-_PACKAGES = ("model", "loading", "intervene", "methods", "toy", "planted", "viz", "utils")
+_PACKAGES = ("model", "loading", "intervene", "methods", "toy", "planted", "sae", "viz", "utils")
 __all__ = list(_EXPORTS) + list(SHORT_NAMES) + list(_PACKAGES)
 
 if TYPE_CHECKING:
