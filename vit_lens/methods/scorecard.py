@@ -204,9 +204,11 @@ def check_factors(factors: Sequence[str] | None) -> tuple[str, ...]:
         return tuple(FACTORS)
     if isinstance(factors, str):
         factors = [factors]
+    if not factors:
+        raise ValueError(f"factors is empty; name at least one of {list(FACTORS)} (or None for all)")
     unknown = [f for f in factors if f not in FACTORS]
-    if unknown or not factors:
-        raise ValueError(f"unknown factor(s) {unknown or factors!r}; the factors are {list(FACTORS)}")
+    if unknown:
+        raise ValueError(f"unknown factor(s) {unknown!r}; the factors are {list(FACTORS)}")
     return tuple(dict.fromkeys(factors))
 
 
@@ -587,9 +589,11 @@ def check_methods(methods: Sequence[str] | None, model: Any) -> list[str]:
         return [m for m in HEAD_METHODS if is_clip or m not in CLIP_ONLY]
     if isinstance(methods, str):
         methods = [methods]
+    if not methods:
+        raise ValueError(f"methods is empty; name at least one of {list(HEAD_METHODS)} (or None for all)")
     unknown = [m for m in methods if m not in HEAD_METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown method(s) {unknown or methods!r}; the methods are {list(HEAD_METHODS)}")
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown!r}; the methods are {list(HEAD_METHODS)}")
     if not is_clip and any(m in CLIP_ONLY for m in methods):
         raise ValueError(f"{[m for m in methods if m in CLIP_ONLY]} need a CLIP (a text tower); this model is a "
                          "classifier. Leave them out, or score load_planted('clip')")
