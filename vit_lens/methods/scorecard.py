@@ -13,14 +13,16 @@ Two steps, kept apart so that no method can see the answer:
    the world's description pool (:func:`vit_lens.toy.description_pool`).
 2. :func:`evaluate_against_truth` compares the scores with the planted truth: average precision over
    the heads (positives: the factor's planted heads), top-1 hit (is the best-scored head planted for
-   the factor) and, for head x token group scores, average precision over the ``3 n_layers n_heads``
-   pairs against the **token group where each planted head's output matters**: CLS for a head that
-   writes into CLS; for a head that writes into the patch tokens (hop 1 of a two-hop route), the token
-   group that the factor's later, CLS-writing head reads (for the classifier's ``position``: the
-   background patches); and, for scores by the token a head *reads* (the decomposition's per-token terms),
-   average precision against the token group each planted head reads. :func:`localisation_scores` scores object-localisation maps against the
-   world's true masks (foreground IoU, mIoU, pixel accuracy and mAP as
-   :class:`~vit_lens.methods.segmentation.maps.SegmentationMetrics` computes them).
+   the factor) and, for head x token group scores by output position, average precision over the
+   ``3 n_layers n_heads`` pairs against the **token group where each planted head's output matters**:
+   CLS for a head that writes into CLS; for a head that writes into the patch tokens (hop 1 of a
+   two-hop route), the token group that the factor's later, CLS-writing head reads (for the
+   classifier's ``position``: the background patches). Scores by the token a head *reads* (the
+   decomposition's per-token terms) get the same AP against the token group each planted head reads.
+
+:func:`localisation_scores` scores object-localisation maps against the world's true masks (foreground
+IoU, mIoU, pixel accuracy and mAP as :class:`~vit_lens.methods.segmentation.maps.SegmentationMetrics`
+computes them), and :func:`scorecard` puts everything in one :class:`Scorecard`.
 
 The per-factor **metric** is read from the model's output: for the classifier, the factor's slice of
 its logits; for a CLIP, the cosine of the image embedding with each of ``factor_prompts(factor)``.
@@ -122,8 +124,8 @@ METHOD_NAMES = {
 }
 """Method key -> the name printed in the tables."""
 
-BASELINES = ("random", "output_variance")
 CLIP_ONLY = ("textspan",)
+"""Methods that need a text tower."""
 
 
 # ============================================================================ task data and readout
@@ -297,12 +299,11 @@ def token_groups(model: Any, foreground: Tensor) -> Tensor:
                          f"{cfg.n_prefix_tokens} prefix tokens")
     objects = F.max_pool2d(foreground.float()[:, None], cfg.patch_size).flatten(1).bool()  # [n, patches]
     n = len(foreground)
-    cls = torch.zeros(n, 1, dtype=torch.bool)
-    is_cls = torch.cat([torch.ones(n, 1, dtype=torch.bool), torch.zeros_like(objects)], 1)
+    not_cls = torch.zeros(n, 1, dtype=torch.bool)
     groups = {
-        OBJECT_PATCHES: torch.cat([cls, objects], 1),
-        BACKGROUND_PATCHES: torch.cat([cls, ~objects], 1),
-        CLS: is_cls,
+        OBJECT_PATCHES: torch.cat([not_cls, objects], 1),
+        BACKGROUND_PATCHES: torch.cat([not_cls, ~objects], 1),
+        CLS: torch.cat([~not_cls, torch.zeros_like(objects)], 1),
     }
     return torch.stack([groups[g] for g in TOKEN_GROUPS], dim=-1)
 
