@@ -253,6 +253,149 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if output_error < 1e-5 else 1
 
 
+_SAE_ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")  # vit_lens.sae.ARCHITECTURES, without torch
+_SAE_TOKENS = ("all", "cls", "patches", "registers")
+
+
+def _sae_k(text: str) -> int | float:
+    """``--k``: a whole number for TopK, possibly fractional for BatchTopK (the average per token)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return int(value) if value.is_integer() else value
+
+
+def _check_sae_model(model: str) -> None:
+    if model != "toy":
+        raise CommandError(
+            f"--model {model}: `vit-lens sae` runs on 'toy' (the built-in toy CLIP and its world); for other models "
+            "use the Python API, vit_lens.sae.train_sae(model, cfg, images, ...) and "
+            "vit_lens.sae.write_sae_dashboard(model, sae, images, ...), with your own images"
+        )
+
+
+def _check_sae_train_arguments(args: argparse.Namespace) -> None:
+    _check_sae_model(args.model)
+    if args.architecture in ("topk", "batchtopk") and args.k is None:
+        raise CommandError(f"--architecture {args.architecture} needs --k (active features per token), e.g. --k 16")
+    if args.architecture not in ("topk", "batchtopk") and args.k is not None:
+        raise CommandError(f"--k applies to --architecture topk or batchtopk, not {args.architecture}")
+    if args.architecture == "topk" and not isinstance(args.k, int):
+        raise CommandError(f"--k {args.k}: a topk SAE keeps a whole number of features per token")
+    if args.k is not None and args.k > args.d_sae:
+        raise CommandError(f"--k {args.k} is more than --d-sae {args.d_sae} features")
+    out = Path(args.out)
+    if out.exists() and not (args.overwrite and out.is_dir()):
+        what = "a folder" if out.is_dir() else "a file"
+        raise CommandError(f"--out {args.out} exists ({what}); add --overwrite to replace a saved SAE, or choose a "
+                           "new folder")
+    if not out.parent.is_dir():
+        raise CommandError(f"--out {args.out}: the directory {out.parent} does not exist; create it first")
+
+
+def _sae_width(tower, hook: str) -> tuple[int, str]:
+    """The width an SAE on ``hook`` reads, and its ``reshape_activations``, from one forward pass."""
+    import torch
+
+    from vit_lens.model.hook_checks import hook_name_advice
+
+    if hook not in tower.hook_dict:
+        raise CommandError(f"--hook {hook} is no hook point of the toy CLIP. "
+                           f"{hook_name_advice(hook, list(tower.hook_dict), tower.cfg.n_layers)}")
+    with torch.no_grad():
+        _, cache = tower.run_with_cache(torch.zeros(1, tower.cfg.in_channels, *tower.cfg.image_size), names_filter=hook)
+    activation = cache[hook]
+    if hook.endswith("attn.hook_z"):
+        return activation.shape[-2] * activation.shape[-1], "hook_z"
+    if activation.ndim != 3:
+        raise CommandError(f"--hook {hook} gives {tuple(activation.shape)}; an SAE reads [batch, pos, width] "
+                           "activations (the residual stream, attn.hook_z, hook_attn_out, mlp.hook_post, ...)")
+    return activation.shape[-1], "none"
+
+
+def _sae_train(args: argparse.Namespace) -> int:
+    """Train an SAE on the toy CLIP's activations over its own world, and save it in SAELens's format."""
+    _check_sae_train_arguments(args)
+    import torch
+
+    from vit_lens.sae.files import save_sae
+    from vit_lens.sae.model import SAEConfig
+    from vit_lens.sae.training import train_sae
+    from vit_lens.toy import ToyWorld, load_toy_clip
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    print("Loading the built-in toy CLIP ...")
+    clip = load_toy_clip()
+    width, reshape = _sae_width(clip.vision, args.hook)
+    cfg = SAEConfig(d_in=width, d_sae=args.d_sae, architecture=args.architecture, k=args.k, hook_name=args.hook,
+                    reshape_activations=reshape, token_selection=args.tokens, model_name=clip.cfg.model_name)
+    images = ToyWorld(seed=args.seed).sample(args.n_images).images
+    hyperparameters = {"seed": args.seed} if args.lr is None else {"seed": args.seed, "lr": args.lr}
+    print(f"Training a {args.architecture} SAE ({width} -> {args.d_sae}) on {args.hook} over {args.n_images} toy "
+          f"images, {args.steps} steps of {args.batch_tokens} tokens ...")
+    sae, log = train_sae(clip, cfg, images, steps=args.steps, batch_size_tokens=args.batch_tokens, **hyperparameters)
+    path = save_sae(sae, args.out, overwrite=args.overwrite)
+    last = log[-1] if log else {}
+    summary = ", ".join(f"{key} {last[key]:.3g}" for key in ("loss", "l0", "explained_variance", "dead_fraction")
+                        if key in last)
+    print(f"\nDone in {time.perf_counter() - started:.0f} s ({summary}). Saved in SAELens's format:\n  {path.resolve()}")
+    print(f"Next: vit-lens sae dashboard --model {args.model} --sae {args.out} --out sae_dashboard.html")
+    return 0
+
+
+def _parse_features(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        features = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CommandError(f"--features {text}: give feature indices separated by commas, e.g. --features 3,17,42") from None
+    if not features:
+        raise CommandError(f"--features {text!r} names no feature; e.g. --features 3,17,42")
+    return features
+
+
+def _sae_dashboard(args: argparse.Namespace) -> int:
+    """Write the HTML dashboard of a saved SAE's features on the toy CLIP."""
+    _check_sae_model(args.model)
+    features = _parse_features(args.features)
+    if not Path(args.sae).exists():
+        raise CommandError(f"--sae {args.sae}: no such folder; train one with `vit-lens sae train ... --out {args.sae}`")
+    _check_output_path(args.out)
+    import torch
+
+    from vit_lens.sae.files import load_sae
+    from vit_lens.sae.dashboard import write_sae_dashboard
+    from vit_lens.sae.views import check_features
+    from vit_lens.toy import ToyWorld, description_pool, load_toy_clip
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    sae = load_sae(args.sae)
+    if features is not None:
+        try:
+            check_features(features, sae.cfg.d_sae, "--features")
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    print("Loading the built-in toy CLIP ...")
+    clip = load_toy_clip()
+    if sae.cfg.hook_name not in clip.vision.hook_dict:
+        raise CommandError(f"--sae {args.sae} reads {sae.cfg.hook_name!r}, which is no hook point of the toy CLIP")
+    images = ToyWorld(seed=args.seed).sample(args.n_images).images
+    print(f"Streaming {args.n_images} toy images through the model and the SAE ...")
+    path = write_sae_dashboard(clip, sae, images, features=features, path=args.out, texts=description_pool()[0],
+                               n_features=args.n_features, k=args.top_k, image_score=args.image_score)
+    print(f"\nDone in {time.perf_counter() - started:.0f} s. Open the dashboard in a browser (it works offline):\n"
+          f"  {path.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-lens", description="Mechanistic interpretability for vision transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +427,40 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
     check.set_defaults(run=_check)
+    sae = commands.add_parser("sae", help="train a sparse autoencoder on the toy CLIP, or write a dashboard of its features")
+    sae_commands = sae.add_subparsers(dest="sae_command", required=True)
+    train = sae_commands.add_parser("train", parents=[common], help="train an SAE and save it in SAELens's format")
+    train.add_argument("--model", default="toy", help="'toy': the built-in toy CLIP on its own world (default)")
+    train.add_argument("--hook", default="blocks.2.hook_resid_post", help="the hook point it reads (default: %(default)s)")
+    train.add_argument("--architecture", choices=_SAE_ARCHITECTURES, default="topk", help="(default: %(default)s)")
+    train.add_argument("--k", type=_sae_k, default=None, help="active features per token, topk / batchtopk")
+    train.add_argument("--d-sae", type=_positive_int, default=512, help="number of features (default: %(default)s)")
+    train.add_argument("--tokens", choices=_SAE_TOKENS, default="all", help="tokens it reads (default: %(default)s)")
+    train.add_argument("--steps", type=_positive_int, default=1000, help="optimiser steps (default: %(default)s)")
+    train.add_argument("--batch-tokens", type=_positive_int, default=4096, help="tokens per step (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default: train_sae's)")
+    train.add_argument("--n-images", type=_positive_int, default=2000,
+                       help="toy images the activations are streamed from (default: %(default)s)")
+    train.add_argument("--out", required=True, help="the folder to save the SAE in")
+    train.add_argument("--overwrite", action="store_true", help="replace an SAE already saved in --out")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
+    train.set_defaults(run=_sae_train, command="sae train")
+    dashboard = sae_commands.add_parser("dashboard", parents=[common],
+                                        help="write an offline HTML page of an SAE's features: names, top images")
+    dashboard.add_argument("--model", default="toy", help="'toy': the built-in toy CLIP on its own world (default)")
+    dashboard.add_argument("--sae", required=True, help="a folder written by `vit-lens sae train` or SAELens")
+    dashboard.add_argument("--out", default="sae_dashboard.html", help="the page to write (default: %(default)s)")
+    dashboard.add_argument("--features", default=None,
+                           help="feature indices, comma-separated (default: the --n-features that vary most)")
+    dashboard.add_argument("--n-features", type=_positive_int, default=12, help="(default: %(default)s)")
+    dashboard.add_argument("--n-images", type=_positive_int, default=1000, help="toy images (default: %(default)s)")
+    dashboard.add_argument("--top-k", type=_positive_int, default=8, help="top images per feature (default: %(default)s)")
+    dashboard.add_argument("--image-score", choices=("max", "cls", "mean"), default="max",
+                           help="an image's score for a feature, over its tokens (default: %(default)s)")
+    dashboard.add_argument("--seed", type=int, default=1)
+    dashboard.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
+    dashboard.set_defaults(run=_sae_dashboard, command="sae dashboard")
     return parser
 
 
