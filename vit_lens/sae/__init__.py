@@ -7,6 +7,12 @@
 - :mod:`~vit_lens.sae.splice`: :func:`spliced`, :func:`run_with_saes`,
   :func:`run_with_cache_with_saes`, :func:`run_with_hooks_with_saes`: SAEs spliced into a HookedViT
   or HookedCLIP with their features as hook points (``blocks.3.hook_resid_post.hook_sae_acts_post``).
+- :mod:`~vit_lens.sae.activations`: :class:`ActivationSource` (rows of the SAE's tokens, streamed from
+  images through the model) and the shuffling :class:`ActivationBuffer`.
+- :mod:`~vit_lens.sae.training`: :func:`train_sae` / :func:`train_transcoder` on activations streamed
+  from images; :func:`train_sae_on_activations` on activations you have.
+- :mod:`~vit_lens.sae.evaluation`: :func:`evaluate_sae` (L0, explained variance, dead / dense
+  features, downstream accuracy spliced against clean and mean-ablated), :func:`evaluate_saes` per layer.
 
 Example:
     >>> import torch, vit_lens
@@ -34,6 +40,13 @@ __getattr__, __dir__, __all__ = lazy_package(
         "run_with_saes": ".splice",
         "run_with_cache_with_saes": ".splice",
         "run_with_hooks_with_saes": ".splice",
+        "train_sae": ".training",
+        "train_transcoder": ".training",
+        "train_sae_on_activations": ".training",
+        "ActivationBuffer": ".activations",
+        "ActivationSource": ".activations",
+        "evaluate_sae": ".evaluation",
+        "evaluate_saes": ".evaluation",
     },
-    ("model", "files", "splice"),
+    ("model", "files", "splice", "activations", "training", "evaluation"),
 )
