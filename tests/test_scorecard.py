@@ -73,10 +73,10 @@ def hand_made(planted: PlantedModel, make) -> sc.HeadScores:
 def test_truth_labels_put_each_planted_head_at_the_group_where_its_output_matters_and_the_one_it_reads(untrained):
     heads, groups, reads = sc.truth_labels(untrained, "position")
     assert heads.nonzero().tolist() == [[0, 1], [2, 1]]
-    # hop 1 writes into the patches, and hop 2 reads the background patches: that is where (0, 1) matters
-    assert groups[0, 1].tolist() == [g == BACKGROUND_PATCHES for g in TOKEN_GROUPS]
+    # hop 1 writes into every patch token (which ones carry a pair's difference depends on the pair), hop 2 into CLS
+    assert groups[0, 1].tolist() == [g != CLS for g in TOKEN_GROUPS]
     assert groups[2, 1].tolist() == [g == CLS for g in TOKEN_GROUPS]
-    assert int(groups.sum()) == 2
+    assert int(groups.sum()) == 3
     # ... while hop 1 reads the object patches and hop 2 the background patches
     assert reads[0, 1].tolist() == [g == OBJECT_PATCHES for g in TOKEN_GROUPS]
     assert reads[2, 1].tolist() == [g == BACKGROUND_PATCHES for g in TOKEN_GROUPS] and int(reads.sum()) == 2

@@ -16,8 +16,9 @@ Two steps, kept apart so that no method can see the answer:
    the factor) and, for head x token group scores by output position, average precision over the
    ``3 n_layers n_heads`` pairs against the **token group where each planted head's output matters**:
    CLS for a head that writes into CLS; for a head that writes into the patch tokens (hop 1 of a
-   two-hop route), the token group that the factor's later, CLS-writing head reads (for the
-   classifier's ``position``: the background patches). Scores by the token a head *reads* (the
+   two-hop route), both patch groups: the later head reads its own image's background patches, and in
+   a pair those hold the other image's objects, so which group carries the difference depends on the
+   pair (patching hop 1 at the patches that are background in both images moves nothing). Scores by the token a head *reads* (the
    decomposition's per-token terms) get the same AP against the token group each planted head reads.
 
 :func:`localisation_scores` scores object-localisation maps against the world's true masks (foreground
@@ -664,8 +665,10 @@ def truth_labels(planted: Any, factor: str) -> tuple[Tensor, Tensor, Tensor]:
         if not readers:
             raise ValueError(f"planted head L{h.layer}H{h.head} writes {factor} into the patches but no later head "
                              "of the factor moves it to CLS; the truth is inconsistent")
-        for reader in readers:
-            groups[h.layer, h.head, TOKEN_GROUPS.index(reader.reads)] = True
+        # It writes into every patch token; which patches carry the difference depends on the pair (the later
+        # head reads its own image's background, which holds the other image's objects), so both groups count.
+        for group in (OBJECT_PATCHES, BACKGROUND_PATCHES):
+            groups[h.layer, h.head, TOKEN_GROUPS.index(group)] = True
     return heads, groups, reads
 
 
