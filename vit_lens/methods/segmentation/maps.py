@@ -42,7 +42,10 @@ A baseline that needs no model, for images whose object colour is known:
 7. mAP = mean over images of the average precision (scikit-learn's step-wise definition, tied scores
    as one threshold) of the 2 x H x W scores ``(1 - R, R)`` against the one-hot ``(background,
    foreground)`` target. This is one AP over both channels together, neither the foreground AP nor
-   the mean of two per-class APs; exactly half of the items are positive, so a constant map scores 0.5.
+   the mean of two per-class APs. Exactly half of the items are positive, but a constant map does not
+   score 0.5: step 3 makes it zeros, so every background-channel item (score 1) ranks above every
+   foreground-channel item, and the AP comes close to the share of background pixels (93 on the toy
+   world's masks). Compare mAP with the constant-map baseline, not with 0.5.
 
 Oddity not reproduced: their code normalises and thresholds over the whole batch tensor at once and
 counts only the first image of a batch for pixel accuracy and mIoU; every published number used batch
