@@ -1,8 +1,5 @@
-"""The planted classifier's design, training and measurements, checked without the trained weights.
-
-(The trained model's checks — task accuracy, interchange accuracy and inertness on fresh images — come
-with its weights, which are not shipped yet: see issue 14.)
-"""
+"""The planted models' design, training and measurements, checked without the trained weights
+(the shipped models' thresholds are in tests/test_planted_model.py)."""
 
 from pathlib import Path
 

@@ -125,14 +125,16 @@ def load_planted(name: str = "classifier", path: str | Path | None = None,
                  device: str | torch.device = "cpu") -> PlantedModel:
     """A planted-mechanism model shipped with vit_lens, offline, with its truth.
 
-    Until a training run meets the thresholds of issue 14 (task and interchange accuracy at least 95%,
-    inert components changing under 2% of predictions), no weights are shipped and this raises
-    FileNotFoundError naming the training command; ``path=`` loads a checkpoint trained locally.
+    The model card (``vit_lens/planted/MODEL_CARD.md``) gives the truth, the training commands and the
+    measured figures (task and interchange accuracy at least 95% per factor, inert components changing
+    under 1% of predictions).
 
     Args:
-        name: Which model; one of :data:`PLANTED_MODELS` (``"classifier"``: a HookedViT that predicts every
-            factor of the toy world, each through known heads).
-        path: Another checkpoint written by the training script (default: the shipped one).
+        name: Which model; one of :data:`PLANTED_MODELS`: ``"classifier"`` (a HookedViT that predicts every
+            factor of the toy world, each through known heads) or ``"clip"`` (a
+            :class:`~vit_lens.planted.clip.PlantedCLIP`: the same image tower in a HookedCLIP with a text
+            tower aligned to it; ``predict`` is zero-shot).
+        path: Another checkpoint written by the training scripts (default: the shipped one).
         device: Where to put the model.
 
     Example:
@@ -156,10 +158,11 @@ def load_planted(name: str = "classifier", path: str | Path | None = None,
         path = resources.files("vit_lens.planted").joinpath(f"{name}.safetensors")
     path = Path(str(path))
     if not path.is_file():
-        where = "vit_lens does not ship its weights yet (issue 14)" if shipped else "no such file"
+        where = "the installed package lacks its weights (a partial install?)" if shipped else "no such file"
         raise FileNotFoundError(
-            f"no planted {name} checkpoint at {path}: {where}. Train one with `python -m vit_lens.planted.train "
-            f"--out {name}.safetensors` and load it with load_planted({name!r}, path=...)"
+            f"no planted {name} checkpoint at {path}: {where}. Train one with `python -m "
+            f"vit_lens.planted.{'clip' if name == 'clip' else 'train'} --out {name}.safetensors` and load it with "
+            f"load_planted({name!r}, path=...)"
         )
     require_safetensors(path, "load_planted reads the safetensors files that vit_lens.planted.train writes")
     with safe_open(str(path), framework="pt") as f:
