@@ -431,7 +431,7 @@ def test_a_user_metric_on_a_hooked_vit_and_the_planted_classifiers_factor_accura
 
 def test_the_docs_training_and_evaluation_examples_run(tmp_path, monkeypatch):
     page = (Path(__file__).parents[1] / "docs" / "sae.md").read_text()
-    section = page[page.index("\n## Train an SAE"):]
+    section = page[page.index("\n## Train an SAE"):page.index("\n## Read the features")]  # views: test_sae_views.py
     blocks = re.findall(r"^```python\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
     assert len(blocks) == 2
     monkeypatch.chdir(tmp_path)

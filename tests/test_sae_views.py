@@ -2,6 +2,7 @@
 
 import html
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,6 +239,9 @@ def test_score_sae_features_finds_the_best_feature_per_value_and_checks_its_name
     assert card.mean_auroc > baseline.mean_auroc + 0.03, (card.mean_auroc, baseline.mean_auroc)
     assert card.named_share > baseline.named_share, (card.named_share, baseline.named_share)
     assert "23 factor values, 120 images" in card.table()
+    small_pool = score_sae_features(clip, trained_sae, toy_batch, texts=["red object", "blue object", "circle",
+                                                                         "striped background"], progress=False)
+    assert small_pool.named_by_chance == pytest.approx(4 * (1 / 4) / 23)  # four values, each in one text of four
 
 
 # ------------------------------------------------------------------ dashboard
@@ -302,6 +306,27 @@ def test_cls_only_sae_has_no_heatmaps_but_ranks_images_by_cls(clip, trained_sae,
         _, cache = clip.run_with_cache(toy_batch.images, names_filter=HOOK)
     on_cls = trained_sae.encode(cache[HOOK][:, 0])[:, 5]
     assert view.top_indices.tolist() == on_cls.sort(descending=True, stable=True).indices[: len(view.top_indices)].tolist()
+
+
+# ------------------------------------------------------------------ the docs page
+
+
+def test_the_docs_feature_and_scoring_examples_run(clip, trained_sae, tmp_path, monkeypatch):
+    """docs/sae.md from "Read the features" on, with the SAE of the training section stood in for by this file's."""
+    page = (Path(__file__).parents[1] / "docs" / "sae.md").read_text()
+    section = page[page.index("\n## Read the features"):]
+    blocks = re.findall(r"^```python\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
+    assert len(blocks) == 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"clip": clip, "sae": trained_sae}
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"docs/sae.md feature block {index}", "exec"), namespace)
+    views = namespace["views"]
+    assert [view.feature for view in views] == namespace["busiest"] and len(views) == 3
+    assert all(view.name.texts[0] in namespace["texts"] and view.heatmaps.shape[1:] == (8, 8) for view in views)
+    assert (tmp_path / "sae_dashboard.html").read_text().count("<h2>feature ") == 6
+    card = namespace["card"]
+    assert len(card.rows) == 23 and card.named_share > card.named_by_chance
 
 
 # ------------------------------------------------------------------ the command

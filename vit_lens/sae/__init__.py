@@ -13,6 +13,11 @@
   from images; :func:`train_sae_on_activations` on activations you have.
 - :mod:`~vit_lens.sae.evaluation`: :func:`evaluate_sae` (L0, explained variance, dead / dense
   features, downstream accuracy spliced against clean and mean-ablated), :func:`evaluate_saes` per layer.
+- :mod:`~vit_lens.sae.views`: :func:`feature_views` (top images with patch heatmaps, histograms,
+  densities, streamed) and :func:`name_features` (decoder directions carried to the output, matched
+  to a text pool); :mod:`~vit_lens.sae.dashboard`: :func:`write_sae_dashboard` (offline HTML).
+- :mod:`~vit_lens.sae.scoring`: :func:`score_sae_features`: each factor value's best feature (AUROC)
+  and whether its name is right, against the toy world's truth.
 
 Example:
     >>> import torch, vit_lens
@@ -47,6 +52,15 @@ __getattr__, __dir__, __all__ = lazy_package(
         "ActivationSource": ".activations",
         "evaluate_sae": ".evaluation",
         "evaluate_saes": ".evaluation",
+        "feature_views": ".views",
+        "feature_image_scores": ".views",
+        "name_features": ".views",
+        "FeatureView": ".views",
+        "FeatureName": ".views",
+        "write_sae_dashboard": ".dashboard",
+        "score_sae_features": ".scoring",
+        "SAEScorecard": ".scoring",
+        "auroc": ".scoring",
     },
-    ("model", "files", "splice", "activations", "training", "evaluation"),
+    ("model", "files", "splice", "activations", "training", "evaluation", "views", "dashboard", "scoring"),
 )

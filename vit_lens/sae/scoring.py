@@ -116,12 +116,16 @@ class SAEScorecard:
         image_score: How images were scored (``"max"``, ``"cls"``, ``"mean"``).
         threshold: The AUROC counted as detection.
         n_images: Images scored.
+        named_by_chance: The share of factor values a name drawn at random from the text pool
+            would mention (the mean, over the values, of the share of texts that mention each);
+            None without a text pool. :attr:`named_share` means something only well above it.
     """
 
     rows: list[FactorValueScore]
     image_score: str
     threshold: float
     n_images: int
+    named_by_chance: float | None = None
 
     @property
     def detected_share(self) -> float:
@@ -162,7 +166,8 @@ class SAEScorecard:
         lines.append(
             f"{len(self.rows)} factor values, {self.n_images} images, image score {self.image_score!r}: mean best AUROC "
             f"{self.mean_auroc:.3f}, {100 * self.detected_share:.0f}% detected (AUROC >= {self.threshold})"
-            + ("" if named is None else f", {100 * named:.0f}% named right")
+            + ("" if named is None else f", {100 * named:.0f}% named right (a random text of the pool: "
+               f"{100 * self.named_by_chance:.0f}%)")
         )
         return "\n".join(lines)
 
@@ -238,14 +243,15 @@ def score_sae_features(
             best.append((factor, value, int(labels.sum()), feature, float(areas[feature])))
     if not best:
         raise ValueError("No factor value is present in some images and absent in others: nothing to score")
-    names = None
+    names = chance = None
     if texts is not None:
         found = name_features(model, sae, texts, features=sorted({row[3] for row in best}),
                               text_embeddings=text_embeddings, n_texts=1)
         names = {name.feature: name.texts[0] for name in found}
+        chance = sum(sum(mentions(text, row[1]) for text in texts) / len(texts) for row in best) / len(best)
     rows = [
         FactorValueScore(factor, value, n, feature, area, None if names is None else names[feature],
                          None if names is None else mentions(names[feature], value))
         for factor, value, n, feature, area in best
     ]
-    return SAEScorecard(rows, image_score, threshold, scores.shape[0])
+    return SAEScorecard(rows, image_score, threshold, scores.shape[0], chance)

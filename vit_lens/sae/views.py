@@ -30,15 +30,18 @@ Supported hook points for names (the ``hook_name_out`` of a transcoder, else ``h
 Example:
     >>> import torch, vit_lens
     >>> from vit_lens.sae import SAE, SAEConfig
-    >>> from vit_lens.sae.views import feature_views, name_features
+    >>> from vit_lens.sae.views import feature_image_scores, feature_views, name_features
     >>> from vit_lens.toy import ToyWorld, description_pool
     >>> clip = vit_lens.load_toy_clip()
     >>> sae = SAE(SAEConfig(d_in=128, d_sae=256, architecture="topk", k=8,
     ...                     hook_name="blocks.2.hook_resid_post")).init_weights(seed=0)
-    >>> views = feature_views(clip, sae, ToyWorld(seed=0).sample(64).images, features=[3, 7], k=4)
+    >>> images = ToyWorld(seed=0).sample(64).images
+    >>> scores = feature_image_scores(clip, sae, images, progress=False)   # [64 images, 256 features]
+    >>> busiest = scores.mean(0).topk(2).indices.tolist()
+    >>> views = feature_views(clip, sae, images, features=busiest, k=4, progress=False)
     >>> tuple(views[0].heatmaps.shape)   # 4 top images, 8x8 patches
     (4, 8, 8)
-    >>> names = name_features(clip, sae, description_pool(1)[0], features=[3, 7], n_texts=3)
+    >>> names = name_features(clip, sae, description_pool(1)[0], features=busiest, n_texts=3)
     >>> len(names[0].texts)
     3
 """
