@@ -75,7 +75,7 @@ def _check_structure(page: str, n_images: int) -> dict[str, str]:
 
 def test_demo_on_the_toy_model_writes_a_self_contained_report(tmp_path, capsys):
     out = tmp_path / "report.html"
-    assert main(["demo", "--out", str(out), "--n-images", "4", "--textspan-images", "300"]) == 0
+    assert main(["demo", "--out", str(out), "--n-images", "4", "--textspan-images", "300", "--scorecard-images", "24"]) == 0
     printed = capsys.readouterr().out
     assert str(out.resolve()) in printed.splitlines()[-1]
     page = out.read_text()
@@ -84,7 +84,7 @@ def test_demo_on_the_toy_model_writes_a_self_contained_report(tmp_path, capsys):
     assert list(intros) == [
         "The images and their best class", "Direct effect of layers and heads on the best class's score",
         "Where CLS looks, layer by layer", "TextSpan descriptions of the heads with the largest direct effects",
-        "Zero-shot segmentation next to trivial baselines",
+        "Zero-shot segmentation next to trivial baselines", "Methods scored against a known truth: the planted clip",
     ]
     assert "Peeling Back the Layers" in intros["Where CLS looks, layer by layer"]
     assert "over 300 images" in intros["TextSpan descriptions of the heads with the largest direct effects"]
@@ -117,6 +117,17 @@ def test_demo_on_the_toy_model_writes_a_self_contained_report(tmp_path, capsys):
     accuracy, miou, foreground, per_image = scored["all background (constant map)"]
     # predicting background everywhere: background IoU = pixel accuracy, foreground IoU 0
     assert foreground == 0 and per_image == [0] * 4 and abs(miou - accuracy / 2) <= 0.1 and accuracy > 80
+
+    # the closing scorecard: every head method and baseline against the planted CLIP's truth, then the maps
+    section = page[page.index("Methods scored against a known truth"):]
+    ap = {name: (float(mean_ap), top1) for name, mean_ap, top1 in
+          re.findall(r"<tr><td>([^<]+)</td><td>([\d.]+)</td><td>(\d+/6|-)</td>", section)}
+    assert {"mean ablation", "activation patching", "attribution patching", "direct contributions", "TextSpan",
+            "random ranking (baseline)", "head-output variance (baseline)", "chance (random ranking, expected)"} <= set(ap)
+    assert all(0 <= value <= 1 for value, _ in ap.values())
+    # the planted heads are found by ablation and missed by a random ranking (its expected AP is the chance row's)
+    assert ap["mean ablation"][0] > 0.9 > 0.5 > ap["random ranking (baseline)"][0]
+    assert "constant map (baseline)" in section and "colour distance, no model (baseline)" in section
 
 
 def test_the_segmentation_scores_are_the_protocol_s_on_the_report_s_images(tmp_path):

@@ -29,6 +29,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """An argparse type for counts that may be 0 (to skip what they count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _check_model_spec(model: str, allow_toy: bool) -> None:
     kind, _, arch = model.partition(":")
     if (allow_toy and model == "toy") or (kind in _SOURCES and arch):
@@ -151,11 +162,20 @@ def _demo_toy(args: argparse.Namespace):
     with torch.no_grad():
         directions = clip.encode_text(colours, normalize=True)
         pool_embeddings = clip.encode_text(pool, normalize=True)
+    scorecards = []
+    if args.scorecard_images:
+        from vit_lens.methods.scorecard import scorecard
+        from vit_lens.planted.model import load_planted
+
+        print(f"Scoring the methods on the planted CLIP against its truth ({args.scorecard_images} images) ...")
+        n = args.scorecard_images
+        scorecards.append(scorecard(load_planted("clip"), n_images=n, n_pairs=max(8, n // 4), n_localisation=n))
     return demo_report(
         clip.vision, batch.images, class_names=colours, class_directions=directions, pool=pool,
         pool_embeddings=pool_embeddings, textspan_images=world.sample(args.textspan_images).images,
         out=args.out, titles=batch.captions, true_masks=batch.foreground,
         object_colours=torch.tensor([COLOURS[scene.colour] for scene in batch.scenes]), model_name="vit_lens toy CLIP",
+        scorecards=scorecards,
     )
 
 
@@ -414,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-images", type=_positive_int, default=4, help="toy images in the report (default: %(default)s)")
     demo.add_argument("--textspan-images", type=_positive_int, default=2000,
                       help="toy images TextSpan analyses (default: %(default)s)")
+    demo.add_argument("--scorecard-images", type=_count, default=64,
+                      help="toy model: images for the closing section, the same methods scored on the planted CLIP "
+                           "against its known truth (0: leave it out; default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
     demo.set_defaults(run=_demo)

@@ -871,8 +871,8 @@ class Scorecard:
             (f"AP: average precision of the method's head scores against the factor's planted heads ({s['n_heads']} "
              "heads), averaged over the factors. Top-1: factors whose best-scored head is planted for them. Output "
              "group AP: the same over (head, token group) pairs, against the group where each planted head's output "
-             "matters (CLS for a head that writes into CLS; for the two-hop route's first head, the group the second "
-             "head reads). Read group AP: against the group each planted head reads."),
+             "matters (CLS for a head that writes into CLS; both patch groups for the two-hop route's first head, "
+             "which writes into every patch token). Read group AP: against the group each planted head reads."),
             "",
             _table(["method", "mean AP", "top-1", "output group AP", "read group AP", "seconds"], [
                 [METHOD_NAMES[r["method"]], _cell(r["mean_ap"]), f"{r['top1_hits']:g}/{r['n_factors']}",

@@ -2,8 +2,9 @@
 
 For a few images it draws the direct effect of every layer and head on the image's best text
 match, the CLS attention of every layer over the image, the TextSpan descriptions of the heads
-with the largest direct effects, and a zero-shot segmentation next to trivial baselines; figures
-are plotly, the file is self-contained (it opens offline).
+with the largest direct effects, and a zero-shot segmentation next to trivial baselines; it can end
+with the same kinds of methods scored against a planted model's known truth (``scorecards=``; the toy
+demo does). Figures are plotly, the file is self-contained (it opens offline).
 
 The report is a list of :class:`ReportSection` (a title, an opening paragraph that says what the
 section shows and how to read it, and the figures and tables) written by :func:`write_report`:
@@ -356,6 +357,48 @@ def _segmentation_section(model, images, display, labels, class_names, class_dir
 # ============================================================================ the report
 
 
+def _scorecard_section(card: Any) -> ReportSection:
+    """The methods above (and their baselines) scored against a planted model's known heads and the true masks."""
+    from vit_lens.methods.scorecard import METHOD_NAMES
+
+    settings = card.settings
+    intro = (
+        f"The methods of this report, run on vit_lens's planted {html.escape(card.model)}, a model trained so that "
+        "each factor of the toy world flows through known heads (its model card gives the truth), and scored "
+        "against that truth. AP is the average precision of a method's head ranking against the factor's planted "
+        f"heads, averaged over the six factors (1 is perfect; the chance row is what a random ranking of the "
+        f"{settings['n_heads']} heads expects), and top-1 counts the factors whose best-scored head is planted for "
+        "them. The second table scores object-localisation maps against the true masks, next to a constant map "
+        "and a colour-distance map computed without any model: a map is only useful where it beats both."
+    )
+    first = card.summary[0]
+    rows = [
+        [html.escape(METHOD_NAMES[r["method"]]), _fmt(r["mean_ap"]), f"{r['top1_hits']:g}/{r['n_factors']}",
+         _fmt(r["mean_group_ap"]), _fmt(r["mean_read_ap"])]
+        for r in sorted(card.summary, key=lambda r: -(r["mean_ap"] or 0.0))
+    ]
+    rows.append(["chance (random ranking, expected)", _fmt(first["mean_chance_ap"]), "-",
+                 _fmt(first["mean_chance_group_ap"]), _fmt(first["mean_chance_read_ap"])])
+    heads = _table(["head attribution method", "mean AP", "top-1", "AP by output token group",
+                    "AP by read token group"], rows)
+    maps = _table(["localisation map", "foreground IoU", "mIoU", "pixel accuracy"], [
+        [html.escape(r["name"]), f"{100 * r['iou_foreground']:.1f}", f"{100 * r['miou']:.1f}",
+         f"{100 * r['pixel_accuracy']:.1f}"]
+        for r in sorted(card.localisation, key=lambda r: -r["iou_foreground"])
+    ])
+    note = plot.HTML(
+        f"<p style='flex-basis:100%'>{settings['n_images']} images, {settings['n_pairs']} pairs per factor, "
+        f"{settings['n_localisation']} images for the maps, seed {settings['seed']}; the full run is "
+        "<code>python benchmarks/method_scorecard.py</code> (figures in <code>benchmarks/README.md</code>).</p>"
+    )
+    return ReportSection(f"Methods scored against a known truth: the planted {card.model}", intro,
+                         [heads, maps, note] if card.localisation else [heads, note])
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _check_inputs(images, class_names, class_directions, pool, pool_embeddings, display, titles, true_masks,
                   object_colours) -> None:
     n = len(images)
@@ -401,6 +444,7 @@ def demo_report(
     titles: Sequence[str] | None = None,
     true_masks: Tensor | None = None,
     object_colours: Tensor | None = None,
+    scorecards: Sequence[Any] = (),
     n_heads_shown: int = 6,
     n_texts: int = 5,
     model_name: str = "model",
@@ -428,6 +472,8 @@ def demo_report(
         object_colours: ``[n, 3]``: each image's object colour in the value range of
             ``display_images``, if known (the toy world knows it): adds the no-model colour-distance
             baseline to the segmentation section.
+        scorecards: :class:`vit_lens.methods.scorecard.Scorecard` results (of the planted models) to end the
+            report with: the same kinds of methods scored against a known truth.
         n_heads_shown: Heads described with TextSpan.
         n_texts: Descriptions per head.
         model_name: Shown in the title.
@@ -462,6 +508,8 @@ def demo_report(
     _progress("zero-shot segmentation ...", log)
     sections.append(_segmentation_section(model, images, display, labels, class_names, class_directions, predicted,
                                           true_masks, object_colours))
+    for card in scorecards:
+        sections.append(_scorecard_section(card))
 
     intro = (
         f"{html.escape(model_name)}: {cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, "
