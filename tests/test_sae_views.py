@@ -270,6 +270,19 @@ def test_dashboard_errors_name_the_problem(clip, trained_sae, toy_batch, tmp_pat
         write_sae_dashboard(clip, trained_sae, toy_batch.images, features=[1], path=tmp_path, progress=False)
 
 
+def test_a_feature_that_never_fires_has_an_empty_view_and_a_section_that_says_so(clip, toy_batch, tmp_path):
+    sae = SAE(SAEConfig(d_in=128, d_sae=2, hook_name=HOOK)).init_weights(seed=0)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.tensor([1e4, -1e4]))  # feature 0 fires on every token, feature 1 on none
+    views = feature_views(clip, sae, toy_batch.images[:10], features=[0, 1], k=3, progress=False)
+    assert (views[0].token_density, views[0].image_density, len(views[0].top_indices)) == (1.0, 1.0, 3)
+    assert (views[1].token_density, int(views[1].histogram.sum()), len(views[1].top_indices)) == (0.0, 0, 0)
+    page = write_sae_dashboard(clip, sae, toy_batch.images[:10], features=[1, 0], k=3, path=tmp_path / "d.html",
+                               progress=False).read_text()
+    assert page.count("No image scores above 0 for this feature.") == 1
+    assert page.count("(no text pool)") == 2  # no texts: the overview says so for each feature
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -346,6 +359,14 @@ def test_sae_train_and_dashboard_commands_on_a_tiny_run(tmp_path, capsys):
     assert main(argv) == 0
     text = page.read_text()
     assert "<h2>feature 1: " in text and "<h2>feature 5: " in text
+
+
+def test_sae_train_refuses_a_hook_point_the_toy_clip_lacks(tmp_path, capsys):
+    argv = ["sae", "train", "--hook", "blocks.9.hook_resid_post", "--k", "4", "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--hook blocks.9.hook_resid_post is no hook point of the toy CLIP" in err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture

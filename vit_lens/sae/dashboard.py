@@ -129,11 +129,12 @@ def _feature_section(view: FeatureView, patch_size: tuple[int, int], cols: int) 
     if view.name is not None:
         content.append(_table(["text", "cosine"], [[html.escape(text), f"{float(score):.3f}"]
                                                    for text, score in zip(view.name.texts, view.name.scores)]))
-    content.append(_histogram_figure(view))
+    if int(view.histogram.sum()):
+        content.append(_histogram_figure(view))
     if len(view.top_indices):
         content.append(_top_images_figure(view, patch_size, cols))
     else:
-        content.append(plot.HTML("<p>The feature fires on none of the images.</p>"))
+        content.append(plot.HTML("<p>No image scores above 0 for this feature.</p>"))
     heading = f"feature {view.feature}" + ("" if view.name is None else f": {view.name.texts[0]}")
     return heading, content
 
