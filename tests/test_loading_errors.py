@@ -120,6 +120,25 @@ def test_checkpoint_formats_are_read_from_the_bytes(tiny_timm_files, tmp_path):
     assert checkpoint_format(tmp_path / "notes.txt") == "unknown"
 
 
+def test_a_safetensors_file_whose_header_length_starts_with_byte_0x80_is_safetensors(tmp_path):
+    # The first byte of a safetensors file is the lowest byte of its header length: 0x80 for one length in 256,
+    # the byte that also opens a pickle. Grow the metadata until the header length ends in 0x80.
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"a": torch.zeros(2), "b": torch.ones(3)}
+    for pad in range(300):
+        path = tmp_path / f"m{pad}.safetensors"
+        save_file(tensors, str(path), metadata={"note": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        raise AssertionError("no metadata length gave a header length ending in 0x80")
+    assert checkpoint_format(path) == "safetensors"
+    torch.save(tensors, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert (tmp_path / "legacy.pt").read_bytes()[0] == 0x80 and checkpoint_format(tmp_path / "legacy.pt") == "pytorch"
+
+
 @pytest.mark.parametrize(
     "source, renamed, message",
     [

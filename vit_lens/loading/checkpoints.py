@@ -41,11 +41,13 @@ def checkpoint_format(path: str | os.PathLike) -> str:
         if any(name.endswith(".pkl") for name in names):
             return "pytorch"
         return "unknown"
-    if head[:1] == b"\x80":  # the pickle protocol opcode that starts a legacy torch.save file
-        return "pytorch"
-    # safetensors: an 8-byte little-endian header length, then the JSON header
+    # safetensors first: an 8-byte little-endian header length, then the JSON header. Its first byte is the
+    # length's lowest byte, which is 0x80 for one header length in 256, so it cannot be told from a pickle by
+    # that byte; a legacy torch.save file fails this test (its "length" exceeds the file, its byte 8 is no "{").
     if len(head) == 9 and 0 < int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{":
         return "safetensors"
+    if head[:1] == b"\x80":  # the pickle protocol opcode that starts a legacy torch.save file
+        return "pytorch"
     return "unknown"
 
 
