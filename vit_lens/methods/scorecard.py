@@ -83,6 +83,7 @@ from torch import Tensor
 from vit_lens.intervene.decompose import direct_contributions, required_hooks
 from vit_lens.intervene.interventions import mean_ablate, resample_ablate
 from vit_lens.intervene.patching import activation_patching, attribution_patching
+from vit_lens.methods.segmentation import maps
 from vit_lens.methods.segmentation.maps import (
     SegmentationMetrics,
     attention_gradcam,
@@ -763,10 +764,10 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def colour_distance_maps(images: Tensor, colour_values: Tensor) -> Tensor:
-    """No-model baseline: ``[n, H, W]`` minus the distance of each pixel's colour to the image's object colour."""
+    """No-model baseline: ``[n, H, W]`` minus the distance of each pixel's colour to the image's object colour,
+    given as value indices into ``FACTORS["colour"]`` (:func:`vit_lens.methods.segmentation.maps.colour_distance_maps`)."""
     palette = torch.tensor(list(COLOURS.values()), dtype=images.dtype)  # [6, 3] in FACTORS["colour"] order
-    target = palette[colour_values][:, :, None, None]  # [n, 3, 1, 1]
-    return -(images - target).norm(dim=1)
+    return maps.colour_distance_maps(images, palette[colour_values])
 
 
 @torch.no_grad()
@@ -895,6 +896,8 @@ class Scorecard:
             table_rows.append(cells)
         planted = {f: by_key[(self.summary[0]["method"], f)]["n_positive"] for f in factors}
         out.append(_table(["method"] + [f"{f} ({planted[f]} planted)" for f in factors], table_rows))
+        if not self.localisation:
+            return "\n".join(out)
         out += [
             "",
             (f"### Planted {self.model}: object localisation ({s['n_localisation']} images; true masks of all "
