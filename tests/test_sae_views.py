@@ -280,6 +280,7 @@ def test_a_feature_that_never_fires_has_an_empty_view_and_a_section_that_says_so
     page = write_sae_dashboard(clip, sae, toy_batch.images[:10], features=[1, 0], k=3, path=tmp_path / "d.html",
                                progress=False).read_text()
     assert page.count("No image scores above 0 for this feature.") == 1
+    assert page.count("%{y} tokens") == 1  # a histogram (its hover text) for the feature that fires only
     assert page.count("(no text pool)") == 2  # no texts: the overview says so for each feature
 
 
