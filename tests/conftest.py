@@ -17,6 +17,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def import_sae_lens():
+    """The ``sae_lens`` module, or a skip that says where it runs.
+
+    sae-lens 6 requires transformer-lens < 4, so it lives in dev.py's second environment (``.venv-tl3``), whose
+    smoke run sets ``VIT_LENS_EXPECT_TRANSFORMER_LENS_MAJOR=3``: there a missing sae-lens is a failure, not a skip.
+    """
+    if os.environ.get("VIT_LENS_EXPECT_TRANSFORMER_LENS_MAJOR") == "3":
+        import sae_lens
+
+        return sae_lens
+    return pytest.importorskip(
+        "sae_lens", reason="sae-lens needs transformer-lens < 4: it is installed in .venv-tl3, where `python3 dev.py "
+        "test` runs this test (the smoke set)"
+    )
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected||, in float64."""
     actual, expected = actual.double(), expected.double()

@@ -13,7 +13,7 @@ from vit_lens import HookedViT
 from vit_lens.sae import SAE, SAEConfig, load_prisma_sae, load_sae, save_sae, spliced
 from vit_lens.sae.splice import run_with_cache_with_saes, run_with_hooks_with_saes, run_with_saes
 
-from tests.conftest import tiny_config
+from tests.conftest import import_sae_lens, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -615,7 +615,7 @@ SAE_LENS_CASES = ["standard", "topk", "batchtopk", "jumprelu", "transcoder", "ju
 
 @pytest.mark.parametrize("case", SAE_LENS_CASES)
 def test_sae_lens_loads_what_vit_lens_saves(case, tmp_path):
-    sae_lens = pytest.importorskip("sae_lens")
+    sae_lens = import_sae_lens()
     assert int(version("sae-lens").split(".")[0]) == 6
     sae = FILE_CASES[case]()
     if sae.cfg.architecture == "standard" and not sae.cfg.is_transcoder:
@@ -632,7 +632,7 @@ def test_sae_lens_loads_what_vit_lens_saves(case, tmp_path):
 
 @pytest.mark.parametrize("case", SAE_LENS_CASES)
 def test_vit_lens_loads_what_sae_lens_saves(case, tmp_path):
-    sae_lens = pytest.importorskip("sae_lens")
+    sae_lens = import_sae_lens()
     ours = FILE_CASES[case]()
     theirs = sae_lens.SAE.load_from_disk(str(save_sae(ours, tmp_path / "ours")))
     theirs.save_model(str(tmp_path / "theirs"))
@@ -645,7 +645,7 @@ def test_vit_lens_loads_what_sae_lens_saves(case, tmp_path):
 
 
 def test_a_sae_lens_object_is_refused_with_the_conversion_and_splices_once_converted(tiny_model, images):
-    sae_lens = pytest.importorskip("sae_lens")
+    sae_lens = import_sae_lens()
     theirs = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(d_in=32, d_sae=48))
     with pytest.raises(TypeError, match=r"got a StandardSAE\. Convert a SAELens SAE with vit_lens.sae.from_sae_lens"):
         run_with_saes(tiny_model, images, saes=[theirs])

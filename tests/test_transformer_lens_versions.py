@@ -19,7 +19,7 @@ import transformer_lens
 import transformer_lens.hook_points
 
 import vit_lens.model._transformer_lens as compat
-from tests.conftest import assert_rel_close, tiny_config
+from tests.conftest import assert_rel_close, import_sae_lens, tiny_config
 from vit_lens import HookedViT
 
 PACKAGE = Path(compat.__file__).parents[1]
@@ -210,7 +210,7 @@ def test_factored_matrices_are_the_installed_class(model):
 def test_sae_lens_shares_the_environment_and_splices_into_a_hooked_vit(model, two_batches):
     # sae-lens requires transformer-lens < 4, so it is installed only in dev.py's second environment (.venv-tl3),
     # where `python3 dev.py test` runs this test; the main environment (transformer-lens 4) cannot hold it.
-    sae_lens = pytest.importorskip("sae_lens")
+    sae_lens = import_sae_lens()
     assert int(version("sae-lens").split(".")[0]) == 6
     # One TransformerLens serves both: SAELens's SAEs and HookedViT share its HookedRootModule.
     assert issubclass(sae_lens.StandardSAE, compat.HookedRootModule.__bases__[0])
