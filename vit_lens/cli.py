@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _SOURCES = ("open_clip", "timm")
@@ -18,26 +19,23 @@ class CommandError(Exception):
     """A bad argument, found before any work: reported as one line, exit status 2 (as argparse's own)."""
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type for counts: argparse puts the flag's name in front of the message."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for whole numbers of ``minimum`` or more: argparse puts the flag's name in front of the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {minimum} or more, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+
+    return parse
 
 
-def _count(text: str) -> int:
-    """An argparse type for counts that may be 0 (to skip what they count)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+_positive_int = _at_least(1)  # counts
+_count = _at_least(0)  # counts where 0 leaves something out
 
 
 def _check_model_spec(model: str, allow_toy: bool) -> None:
