@@ -204,16 +204,18 @@ def task_data(n_images: int = 256, n_pairs: int = 64, seed: int = SCORECARD_SEED
 
 def check_factors(factors: Sequence[str] | None) -> tuple[str, ...]:
     """The factors to score, checked against :data:`vit_lens.toy.FACTORS` (default: all of them)."""
-    if factors is None:
-        return tuple(FACTORS)
-    if isinstance(factors, str):
-        factors = [factors]
-    if not factors:
-        raise ValueError(f"factors is empty; name at least one of {list(FACTORS)} (or None for all)")
-    unknown = [f for f in factors if f not in FACTORS]
+    return tuple(FACTORS) if factors is None else tuple(_check_names(factors, list(FACTORS), "factor"))
+
+
+def _check_names(names: str | Sequence[str], known: list[str], what: str) -> list[str]:
+    """``names`` (one or several, no repeats) checked against ``known``, with messages that list what exists."""
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError(f"{what}s is empty; name at least one of {known} (or None for all)")
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"unknown factor(s) {unknown!r}; the factors are {list(FACTORS)}")
-    return tuple(dict.fromkeys(factors))
+        raise ValueError(f"unknown {what}(s) {unknown!r}; the {what}s are {known}")
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -590,17 +592,11 @@ def check_methods(methods: Sequence[str] | None, model: Any) -> list[str]:
     is_clip = isinstance(model, HookedCLIP)
     if methods is None:
         return [m for m in HEAD_METHODS if is_clip or m not in CLIP_ONLY]
-    if isinstance(methods, str):
-        methods = [methods]
-    if not methods:
-        raise ValueError(f"methods is empty; name at least one of {list(HEAD_METHODS)} (or None for all)")
-    unknown = [m for m in methods if m not in HEAD_METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown!r}; the methods are {list(HEAD_METHODS)}")
+    methods = _check_names(methods, list(HEAD_METHODS), "method")
     if not is_clip and any(m in CLIP_ONLY for m in methods):
         raise ValueError(f"{[m for m in methods if m in CLIP_ONLY]} need a CLIP (a text tower); this model is a "
                          "classifier. Leave them out, or score load_planted('clip')")
-    return list(dict.fromkeys(methods))
+    return methods
 
 
 def score_heads(model: Any, n_images: int = 256, n_pairs: int = 64, seed: int = SCORECARD_SEED,
