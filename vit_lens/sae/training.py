@@ -309,15 +309,23 @@ class SAETrainer:
 
     # -------------------------------------------------------------- one step
 
-    def _top_k(self, pre: Tensor, k: int | float) -> Tensor:
-        if self.sae.cfg.architecture == "topk":
-            values, indices = pre.topk(int(k), dim=-1, sorted=False)
-            return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    def _decode_sparse(self, values: Tensor, indices: Tensor, norms: Tensor | None) -> Tensor:
+        """``sum_j values_j * W_dec[indices_j]`` per row, without the dense ``[rows, d_sae]`` matrix.
+
+        A TopK SAE's rows have ``k`` features out of ``d_sae``; gathering their decoder rows costs
+        ``k / d_sae`` of the dense product, forward and backward (Gao et al. use sparse kernels for
+        the same reason).
+        """
+        weights = values / norms[indices] if norms is not None else values
+        return torch.nn.functional.embedding_bag(indices, self.sae.W_dec, per_sample_weights=weights, mode="sum")
+
+    def _batch_top_k(self, pre: Tensor, k: int | float) -> Tensor:
         flat = pre.relu().reshape(-1)
         values, indices = flat.topk(min(flat.numel(), int(k * len(pre))), sorted=False)
         return torch.zeros_like(flat).scatter(0, indices, values).reshape(pre.shape)
 
-    def _aux_k_loss(self, pre: Tensor, residual: Tensor, stats: Any, scale: float | None) -> Tensor | None:
+    def _aux_k_loss(self, pre: Tensor, residual: Tensor, norms: Tensor | None, stats: Any,
+                    scale: float | None) -> Tensor | None:
         """Gao et al.'s AuxK: the top ``aux_k`` dead features reconstruct the live features' residual."""
         dead = self.tokens_since_fired >= self.settings.dead_after_tokens
         n_dead = int(dead.sum())
@@ -326,10 +334,7 @@ class SAETrainer:
         # Raw pre-activations, not ReLU'd: a dead feature's are usually negative, and only they give it a gradient.
         values, indices = pre.masked_fill(~dead, -torch.inf).topk(min(self.settings.aux_k, n_dead), dim=-1,
                                                                   sorted=False)
-        acts = torch.zeros_like(pre).scatter(-1, indices, values)
-        if self.sae.cfg.rescale_acts_by_decoder_norm:
-            acts = acts / self.sae.W_dec.norm(dim=-1)
-        error = _difference_to_output_space(acts @ self.sae.W_dec, stats) - residual
+        error = _difference_to_output_space(self._decode_sparse(values, indices, norms), stats) - residual
         if scale is not None:
             error = error * scale
         return self.settings.aux_k_coefficient * error.pow(2).sum(-1).mean()
@@ -352,13 +357,23 @@ class SAETrainer:
 
         stats = sae._normalisation(x)
         pre = sae._pre_acts(sae._normalise(x, stats))
-        if cfg.architecture in ("topk", "batchtopk"):
-            if cfg.rescale_acts_by_decoder_norm:
-                pre = pre * sae.W_dec.norm(dim=-1)
-            acts = self._top_k(pre, k)
+        norms = sae.W_dec.norm(dim=-1) if cfg.rescale_acts_by_decoder_norm else None
+        if norms is not None:
+            pre = pre * norms  # TopK / BatchTopK select by the decoded size
+        if cfg.architecture == "topk":
+            values, indices = pre.topk(int(k), dim=-1, sorted=False)
+            values = values.relu()
+            recon = self._decode_sparse(values, indices, norms) + sae.b_dec
+            active = values > 0
+            fired = torch.zeros(cfg.d_sae, device=self.device).index_add_(
+                0, indices.reshape(-1), active.reshape(-1).to(values.dtype)) > 0
+            l0 = active.sum(-1)
         else:
-            acts = sae._activation(pre)
-        out = sae._denormalise(sae._decode_linear(acts), stats)
+            acts = self._batch_top_k(pre, k) if cfg.architecture == "batchtopk" else sae._activation(pre)
+            recon = sae._decode_linear(acts)
+            fired = (acts > 0).any(0)
+            l0 = (acts > 0).sum(-1)
+        out = sae._denormalise(recon, stats)
         # expected_average_only_in: the error is measured in the scaled space, as SAELens does.
         scale = sae.scaling_factor if cfg.normalize_activations == "expected_average_only_in" else None
         error = out - target if scale is None else (out - target) * scale
@@ -370,7 +385,7 @@ class SAETrainer:
         elif cfg.architecture == "jumprelu" and coefficient:
             extra = coefficient * _JumpReLUL0.apply(pre, sae.threshold, cfg.jumprelu_bandwidth).sum(-1).mean()
         elif cfg.architecture in ("topk", "batchtopk"):
-            extra = self._aux_k_loss(pre, (target - out).detach(), stats, scale)
+            extra = self._aux_k_loss(pre, (target - out).detach(), norms, stats, scale)
         if extra is not None:
             loss = loss + extra
 
@@ -388,7 +403,6 @@ class SAETrainer:
                 sae.threshold.clamp_(min=0.0)
             elif cfg.architecture == "batchtopk":
                 sae.update_threshold(acts, momentum=s.threshold_momentum)
-            fired = (acts > 0).any(0)
             self.tokens_since_fired = torch.where(fired, 0, self.tokens_since_fired + len(batch))
         self.step += 1
         self.tokens += len(batch)
@@ -404,7 +418,7 @@ class SAETrainer:
                 "mse": mse.item(),
                 "sparsity_loss" if cfg.architecture in ("standard", "jumprelu") else "aux_k_loss":
                     0.0 if extra is None else extra.item(),
-                "l0": (acts > 0).sum(-1).float().mean().item(),
+                "l0": l0.float().mean().item(),
                 "explained_variance": (1 - residual_variance / total_variance).item(),
                 "dead_fraction": (self.tokens_since_fired >= s.dead_after_tokens).float().mean().item(),
                 "lr": lr,
