@@ -123,6 +123,8 @@ def test_schedules_warm_up_and_decay_as_documented():
     topk = SAE(SAEConfig(d_in=8, d_sae=16, architecture="topk", k=2))
     annealed = SAETrainer(topk, build_settings(topk, steps=100, k_start=10, k_anneal_steps=8))
     assert [annealed.current_k(step) for step in (0, 4, 8, 50)] == [10, 6, 2, 2]
+    with pytest.raises(ValueError, match="k_start .10. and k_anneal_steps .0. go together"):
+        build_settings(topk, steps=100, k_start=10)
 
 
 # ------------------------------------------------------------------ losses and dead features on hand-made cases

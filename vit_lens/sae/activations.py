@@ -273,7 +273,6 @@ class ActivationSource:
         self.new_pass = image_batches(images, image_batch_size)
         self.reiterable = not isinstance(images, Iterator)  # a generator is spent after one pass
         self.cycle = cycle
-        self.passes = 0
 
     def _flat(self, activation: Tensor, name: str, width: int) -> Tensor:
         if self.sae.cfg.reshape_activations == "hook_z":
@@ -348,7 +347,6 @@ class ActivationSource:
                 if seen <= skip:
                     continue
                 yield self.rows(_image_tensor(item, seen - 1))
-            self.passes += 1
             if batches_this_pass == 0:
                 if seen == 0:
                     raise ValueError("images yielded no image batches: there is nothing to train on.")

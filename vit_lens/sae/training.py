@@ -175,6 +175,11 @@ def build_settings(
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if not (isinstance(adam_betas, (tuple, list)) and len(adam_betas) == 2 and all(0 <= b < 1 for b in adam_betas)):
         raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
+    if (k_start is None) != (k_anneal_steps == 0):
+        raise ValueError(
+            f"k_start ({k_start!r}) and k_anneal_steps ({k_anneal_steps!r}) go together: k moves from k_start to "
+            "cfg.k over k_anneal_steps. Give both, or neither for a constant k."
+        )
     if k_start is not None:
         if cfg.architecture not in ("topk", "batchtopk"):
             raise ValueError(f"k_start anneals k; a {cfg.architecture!r} SAE has no k.")
