@@ -80,3 +80,20 @@ def test_supported_models_block_runs():
     namespace: dict = {}
     exec(compile(first_python_block("## Supported models"), "README.md supported models", "exec"), namespace)
     assert namespace["logits"].shape == (2, 3)
+
+
+def test_planted_models_block_runs():
+    namespace: dict = {}
+    exec(compile(first_python_block("## Planted-mechanism models"), "README.md planted", "exec"), namespace)
+    assert namespace["planted"].heads["position"] == [(0, 1), (2, 1)]
+    assert sorted(namespace["predicted"]) == ["colour", "count", "position", "shape", "size", "texture"]
+
+
+def test_sparse_autoencoder_block_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes the dashboard
+    namespace: dict = {}
+    exec(compile(first_python_block("## Sparse autoencoders"), "README.md sae", "exec"), namespace)
+    result = namespace["result"]
+    assert result.l0 == 16 and result.explained_variance > 0.8
+    assert (namespace["features"] > 0).sum(-1).eq(16).all()
+    assert "<script src=\"http" not in (tmp_path / "sae_dashboard.html").read_text()
