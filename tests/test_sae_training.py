@@ -102,6 +102,15 @@ def test_standard_sae_l0_falls_as_the_l1_coefficient_grows(toy_activations):
     assert l0[2] > 0
 
 
+def test_training_runs_where_the_caller_turned_gradients_off(toy_activations):
+    # Notebooks often call torch.set_grad_enabled(False); training must still step (it did not: "element 0 of
+    # tensors does not require grad").
+    cfg = SAEConfig(d_in=128, d_sae=64, architecture="topk", k=4)
+    with torch.no_grad():
+        sae, log = train_sae_on_activations(cfg, toy_activations, steps=20, batch_size_tokens=256, lr=4e-3, progress=False)
+    assert len(log) >= 1 and log[-1]["loss"] < log[0]["loss"]
+
+
 def test_expected_average_scaling_factor_is_estimated_before_training(toy_activations):
     cfg = SAEConfig(d_in=128, d_sae=64, normalize_activations="expected_average_only_in")
     sae, _ = train_sae_on_activations(cfg, toy_activations, steps=1, batch_size_tokens=512, buffer_tokens=2048,

@@ -344,6 +344,7 @@ class SAETrainer:
             error = error * scale
         return self.settings.aux_k_coefficient * error.pow(2).sum(-1).mean()
 
+    @torch.enable_grad()  # a caller's torch.set_grad_enabled(False) (common in notebooks) must not stop training
     def train_step(self, batch: Tensor) -> dict[str, Any] | None:
         """One optimiser step on ``batch`` (``[rows, d_in]``; a transcoder: ``[rows, d_in + d_out]``).
 
