@@ -21,6 +21,7 @@ from vit_lens.model.hook_checks import (
     unknown_hook_error,
 )
 from vit_lens.model.cache import VisionActivationCache
+from vit_lens.model.compile import guard_hook_edits
 from vit_lens.model.components import AttentionPool, Embed, Head, LayerNorm, Pool, PosEmbed, TransformerBlock
 from vit_lens.model.components._hooks import is_hooked
 from vit_lens.model.config import ViTConfig
@@ -296,6 +297,8 @@ class HookedViT(HookedRootModule):
         Returns:
             What ``return_type`` asks for.
         """
+        if torch.compiler.is_compiling():
+            guard_hook_edits()  # without it, a hook edited after compilation is silently ignored
         images = _images_argument(images, input, tokens, "HookedViT")
         self._check_images(images)
         check_return_type(return_type, self.cfg)
