@@ -113,7 +113,7 @@ class PlantedCLIP(PlantedModel):
     (:func:`vit_lens.toy.factor_prompts`) and picks the most similar; hooks act on the image tower.
     """
 
-    _prompts: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _prompts: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def prompt_embeddings(self) -> dict[str, Tensor]:
         """Factor name -> ``[n_values, 23]`` unit text embeddings of its prompts (computed once)."""
