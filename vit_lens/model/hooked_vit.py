@@ -21,6 +21,7 @@ from vit_lens.model.hook_checks import (
     unknown_hook_error,
 )
 from vit_lens.model.cache import VisionActivationCache
+from vit_lens.model.cache_hooks import caching_hooks
 from vit_lens.model.compile import guard_hook_edits
 from vit_lens.model.components import AttentionPool, Embed, Head, LayerNorm, Pool, PosEmbed, TransformerBlock
 from vit_lens.model.components._hooks import is_hooked
@@ -585,8 +586,14 @@ class HookedViT(HookedRootModule):
             incl_bwd: Also cache gradients (``<name>_grad``) of ``metric(output)`` (or of the
                 output itself if it is a scalar). Needs autograd on and something to differentiate:
                 parameters that require grad (loaded models do) or images that do.
-            device, remove_batch_dim, pos_slice, reset_hooks_end, clear_contexts: As in
-                TransformerLens.
+            device: Where to keep the cache (``"cpu"`` offloads a GPU run); each activation moves
+                there as it is recorded, so the model's device never holds the whole cache.
+            pos_slice: The tokens to keep, cut as each activation is recorded: an int (``0``: CLS;
+                the axis is kept), a slice or ``(start, stop[, step])``, a list / tensor of token
+                indices, or a boolean mask with one entry per token. Attention scores and patterns
+                keep the selected *query* rows with every key; hooks after pooling are kept whole.
+                Bad selections raise (:mod:`vit_lens.model.cache_hooks`).
+            remove_batch_dim, reset_hooks_end, clear_contexts: As in TransformerLens.
 
         Returns:
             ``(output, cache)`` where ``cache`` is a :class:`VisionActivationCache`.
@@ -687,6 +694,26 @@ class HookedViT(HookedRootModule):
                 target.backward()
         grid = self._grid(images)
         return out, VisionActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim, grid_size=grid)
+
+    def get_caching_hooks(
+        self,
+        names_filter: Any = None,
+        incl_bwd: bool = False,
+        device: Any = None,
+        remove_batch_dim: bool = False,
+        cache: dict | None = None,
+        pos_slice: Any = None,
+    ) -> tuple[dict, list, list]:
+        """TransformerLens's ``get_caching_hooks`` with this model's hook layouts (see :func:`caching_hooks`).
+
+        A names filter that is not a function is checked like :meth:`run_with_cache`'s.
+        """
+        if not callable(names_filter):
+            names_filter = self._normalise_names_filter(names_filter)
+        return caching_hooks(
+            list(self.hook_dict), names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache,
+            pos_slice=pos_slice,
+        )
 
     def _grid(self, images: Tensor) -> tuple[int, int]:
         """The patch grid (rows, columns) of ``images``."""
