@@ -128,6 +128,20 @@ def _exportable_copy(sae: SAE, fold_scaling_factor: bool) -> SAE:
     return copy
 
 
+def install_folder(temporary: Path, path: Path) -> None:
+    """Put the complete folder ``temporary`` at ``path`` by renames, so no reader ever sees it half written.
+
+    An existing ``path`` is first renamed aside and deleted only once the new folder is in place.
+    """
+    if path.exists():
+        retired = path.parent / f".{path.name}.replaced-{uuid.uuid4().hex[:8]}"
+        path.rename(retired)
+        temporary.rename(path)
+        shutil.rmtree(retired)
+    else:
+        temporary.rename(path)
+
+
 def save_sae(
     sae: Any,  # checked below, with a directed message
     path: str | Path,
@@ -168,13 +182,7 @@ def save_sae(
             (temporary / SCALER_FILENAME).write_text(json.dumps({"scaling_factor": float(export.scaling_factor)}))
         # cfg.json last: a folder with a config has every file the config describes.
         (temporary / CFG_FILENAME).write_text(json.dumps(sae_lens_config(export), indent=2))
-        if path.exists():
-            retired = path.parent / f".{path.name}.replaced-{uuid.uuid4().hex[:8]}"
-            path.rename(retired)
-            temporary.rename(path)
-            shutil.rmtree(retired)
-        else:
-            temporary.rename(path)
+        install_folder(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

@@ -69,7 +69,7 @@ from torch import Tensor
 
 from vit_lens.model.hooked_vit import image_tower
 from vit_lens.sae.activations import ActivationBuffer, ActivationSource, TokenMask
-from vit_lens.sae.files import load_sae, save_sae
+from vit_lens.sae.files import install_folder, load_sae, save_sae
 from vit_lens.sae.model import SAE, SAEConfig
 from vit_lens.utils.progress import progress as progress_bar
 
@@ -493,13 +493,7 @@ def save_checkpoint(trainer: SAETrainer, folder: str | Path, buffer: ActivationB
             if tensors:
                 save_file({name: t.cpu() for name, t in tensors.items()}, str(temporary / BUFFER_FILENAME))
         torch.save(state, temporary / TRAINER_STATE_FILENAME)
-        if folder.exists():
-            retired = folder.parent / f".{folder.name}.replaced-{uuid.uuid4().hex[:8]}"
-            folder.rename(retired)
-            temporary.rename(folder)
-            shutil.rmtree(retired)
-        else:
-            temporary.rename(folder)
+        install_folder(temporary, folder)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
