@@ -22,26 +22,21 @@ from vit_lens.planted.truth import (
     heads_by_factor,
     inert_heads,
 )
-from vit_lens.toy.model import init_for_training
+from vit_lens.toy.model import VISION_CONFIG, init_for_training
 from vit_lens.toy.world import FACTORS
 
 PLANTED_MODELS = ("classifier", "clip")
 """The names :func:`load_planted` accepts."""
 
 CLASSIFIER_CONFIG = dict(
+    # The toy CLIP's image tower (same input, patches, norms and pooling), narrower, with a head of one logit per
+    # factor value instead of a CLIP projection.
+    {key: value for key, value in VISION_CONFIG.items() if key != "d_proj"},
     d_model=64,
     n_layers=CLASSIFIER_N_LAYERS,
     n_heads=CLASSIFIER_N_HEADS,
     d_head=16,
     d_mlp=256,
-    patch_size=8,
-    image_size=64,
-    act_fn="gelu",
-    eps=1e-5,
-    class_token=True,
-    ln_pre=True,
-    final_norm="pre_pool",
-    pool_type="token",
     n_classes=sum(len(values) for values in FACTORS.values()),
     model_name="vit_lens-planted-classifier",
 )
