@@ -872,11 +872,11 @@ class Scorecard:
              "which writes into every patch token). Read group AP: against the group each planted head reads."),
             "",
             _table(["method", "mean AP", "top-1", "output group AP", "read group AP", "seconds"], [
-                [METHOD_NAMES[r["method"]], _cell(r["mean_ap"]), f"{r['top1_hits']:g}/{r['n_factors']}",
-                 _cell(r["mean_group_ap"]), _cell(r["mean_read_ap"]), f"{r['seconds']:.1f}"]
+                [METHOD_NAMES[r["method"]], format_score(r["mean_ap"]), f"{r['top1_hits']:g}/{r['n_factors']}",
+                 format_score(r["mean_group_ap"]), format_score(r["mean_read_ap"]), f"{r['seconds']:.1f}"]
                 for r in self.summary
-            ] + [["chance (expected AP of a random ranking)", _cell(self.summary[0]["mean_chance_ap"]), "-",
-                  _cell(self.summary[0]["mean_chance_group_ap"]), _cell(self.summary[0]["mean_chance_read_ap"]),
+            ] + [["chance (expected AP of a random ranking)", format_score(self.summary[0]["mean_chance_ap"]), "-",
+                  format_score(self.summary[0]["mean_chance_group_ap"]), format_score(self.summary[0]["mean_chance_read_ap"]),
                   "-"]]),
             "",
             "AP per factor (the best-scored head in brackets):",
@@ -907,7 +907,8 @@ class Scorecard:
         return "\n".join(out)
 
 
-def _cell(value: float | None) -> str:
+def format_score(value: float | None) -> str:
+    """A score in the tables: two decimals, or "-" where the method gives none."""
     return "-" if value is None else f"{value:.2f}"
 
 

@@ -359,7 +359,7 @@ def _segmentation_section(model, images, display, labels, class_names, class_dir
 
 def _scorecard_section(card: Any) -> ReportSection:
     """The methods above (and their baselines) scored against a planted model's known heads and the true masks."""
-    from vit_lens.methods.scorecard import METHOD_NAMES
+    from vit_lens.methods.scorecard import METHOD_NAMES, format_score
 
     settings = card.settings
     intro = (
@@ -373,12 +373,12 @@ def _scorecard_section(card: Any) -> ReportSection:
     )
     first = card.summary[0]
     rows = [
-        [html.escape(METHOD_NAMES[r["method"]]), _fmt(r["mean_ap"]), f"{r['top1_hits']:g}/{r['n_factors']}",
-         _fmt(r["mean_group_ap"]), _fmt(r["mean_read_ap"])]
+        [html.escape(METHOD_NAMES[r["method"]]), format_score(r["mean_ap"]), f"{r['top1_hits']:g}/{r['n_factors']}",
+         format_score(r["mean_group_ap"]), format_score(r["mean_read_ap"])]
         for r in sorted(card.summary, key=lambda r: -(r["mean_ap"] or 0.0))
     ]
-    rows.append(["chance (random ranking, expected)", _fmt(first["mean_chance_ap"]), "-",
-                 _fmt(first["mean_chance_group_ap"]), _fmt(first["mean_chance_read_ap"])])
+    rows.append(["chance (random ranking, expected)", format_score(first["mean_chance_ap"]), "-",
+                 format_score(first["mean_chance_group_ap"]), format_score(first["mean_chance_read_ap"])])
     heads = _table(["head attribution method", "mean AP", "top-1", "AP by output token group",
                     "AP by read token group"], rows)
     maps = _table(["localisation map", "foreground IoU", "mIoU", "pixel accuracy"], [
@@ -393,10 +393,6 @@ def _scorecard_section(card: Any) -> ReportSection:
     )
     return ReportSection(f"Methods scored against a known truth: the planted {card.model}", intro,
                          [heads, maps, note] if card.localisation else [heads, note])
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def _check_inputs(images, class_names, class_directions, pool, pool_embeddings, display, titles, true_masks,
