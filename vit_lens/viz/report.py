@@ -373,8 +373,8 @@ def _scorecard_section(card: Any) -> ReportSection:
     )
     first = card.summary[0]
     rows = [
-        [html.escape(METHOD_NAMES[r["method"]]), format_score(r["mean_ap"]), f"{r['top1_hits']:g}/{r['n_factors']}",
-         format_score(r["mean_group_ap"]), format_score(r["mean_read_ap"])]
+        [html.escape(METHOD_NAMES[r["method"]]), format_score(r["mean_ap"]),
+         f"{r['top1_hits']:g}/{r['n_factors']}", format_score(r["mean_group_ap"]), format_score(r["mean_read_ap"])]
         for r in sorted(card.summary, key=lambda r: -(r["mean_ap"] or 0.0))
     ]
     rows.append(["chance (random ranking, expected)", format_score(first["mean_chance_ap"]), "-",
