@@ -78,6 +78,19 @@ class ViTConfig:
         use_attn_result: Whether ``run_with_cache`` with no ``names_filter`` also caches the
             per-head outputs ``attn.hook_result`` (large: ``[batch, pos, head, d_model]``).
             A hook attached to ``hook_result`` always makes it computed, whatever this says.
+            ``model.set_use_attn_result(True)`` sets it.
+        use_split_qkv_input: Whether each block has ``hook_q_input``, ``hook_k_input`` and
+            ``hook_v_input`` [batch, pos, head, d_model]: per-head copies of the residual stream
+            that each head's queries, keys and values read (through ``ln1``), so that one head's
+            query, key or value input can be patched alone (edge patching). TransformerLens's
+            flag; off, the hook points do not exist and q, k, v come from one fused product.
+            Excludes ``use_attn_in``. ``model.set_use_split_qkv_input(True)`` sets it.
+        use_attn_in: Whether each block has ``hook_attn_in`` [batch, pos, head, d_model]: one
+            per-head copy of the residual stream read by that head's queries, keys and values.
+            TransformerLens's flag; excludes ``use_split_qkv_input``.
+        use_hook_mlp_in: Whether each block has ``hook_mlp_in`` [batch, pos, d_model]: a copy of
+            ``hook_resid_mid`` that only the MLP reads (through ``ln2``), so that editing it
+            changes the MLP's input and not the residual stream. TransformerLens's flag.
         model_name: Where the weights came from, for messages and ``repr`` only.
         device: Where the weights of the model built from this config are (TransformerLens's
             ``cfg.device``, with which TransformerLens and ARENA code allocates results). Not an
@@ -115,6 +128,9 @@ class ViTConfig:
     n_classes: int = 0
     dynamic_img_size: bool = False
     use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
     model_name: str = "custom"
     # Read by TransformerLens's ActivationCache; fixed for the architectures vit_lens supports.
     normalization_type: str = field(default="LN", init=False, repr=False)
@@ -163,6 +179,15 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.eps must be positive, got {self.eps}")
         if self.d_proj is not None and self.n_classes:
             raise ValueError("ViTConfig takes either d_proj (CLIP projection) or n_classes (classifier head), not both")
+        for flag in ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"ViTConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.use_split_qkv_input and self.use_attn_in:
+            raise ValueError(
+                "ViTConfig.use_split_qkv_input and use_attn_in cannot both be True: both give each head its own copy "
+                "of the attention input (split: one each for queries, keys and values; attn_in: one for all three). "
+                "Choose one."
+            )
         for axis in (0, 1):
             if self.image_size[axis] % self.patch_size[axis]:
                 raise ValueError(

@@ -10,27 +10,30 @@ from typing import Any
 from torch import Tensor
 
 # TransformerLens hook points that vit_lens does not have (the leaf of the name), and what to use
-# instead; "{l}" is the layer of the requested name. Difflib alone would offer hook_attn_out for
-# hook_attn_in: a near spelling, and a different activation.
+# instead.
 _TRANSFORMER_LENS_ONLY = {
-    "hook_attn_in": (
-        "is TransformerLens's per-head copy of the attention input (cfg.use_attn_in). In vit_lens every head reads "
-        "the same input, 'blocks.{l}.ln1.hook_normalized' [batch, pos, d_model] (edit it to change every head's "
-        "input; 'blocks.{l}.hook_resid_pre' is the residual before ln1). To change what one head reads, edit its "
-        "queries, keys or values: 'blocks.{l}.attn.hook_q' / 'hook_k' / 'hook_v' [batch, pos, head, d_head]."
-    ),
-    "hook_mlp_in": (
-        "is TransformerLens's MLP input hook (cfg.use_hook_mlp_in). In vit_lens the MLP reads "
-        "'blocks.{l}.ln2.hook_normalized' [batch, pos, d_model]; 'blocks.{l}.hook_resid_mid' is the residual stream "
-        "before ln2."
-    ),
     "hook_tokens": "is TransformerLens's input token ids; images have none. The first activation is 'hook_embed'.",
 }
+# TransformerLens's edge hook points, which exist only while their config flag is on; "{l}" is the
+# layer of the requested name. Difflib alone would offer hook_attn_out for hook_attn_in: a near
+# spelling, and a different activation.
+_FLAG_ONLY = {
+    "hook_attn_in": (
+        "is the per-head copy of the attention input [batch, pos, head, d_model] that each head's queries, keys "
+        "and values read; it exists only while cfg.use_attn_in is on: call model.set_use_attn_in(True) first. "
+        "Without it, every head reads 'blocks.{l}.ln1.hook_normalized' [batch, pos, d_model]."
+    ),
+    "hook_mlp_in": (
+        "is the copy of the residual stream that only the MLP reads [batch, pos, d_model]; it exists only while "
+        "cfg.use_hook_mlp_in is on: call model.set_use_hook_mlp_in(True) first. Without it, the MLP reads "
+        "'blocks.{l}.ln2.hook_normalized', and 'blocks.{l}.hook_resid_mid' is the residual stream before ln2."
+    ),
+}
 for _part, _role in (("q", "queries"), ("k", "keys"), ("v", "values")):
-    _TRANSFORMER_LENS_ONLY[f"hook_{_part}_input"] = (
-        f"is TransformerLens's per-head copy of the {_role}' input (cfg.use_split_qkv_input). In vit_lens queries, "
-        "keys and values are computed in one product from 'blocks.{l}.ln1.hook_normalized', the same input for every "
-        f"head; to change one head's {_role}, edit 'blocks.{{l}}.attn.hook_{_part}' [batch, pos, head, d_head]."
+    _FLAG_ONLY[f"hook_{_part}_input"] = (
+        f"is the per-head copy of the {_role}' input [batch, pos, head, d_model]; it exists only while "
+        f"cfg.use_split_qkv_input is on: call model.set_use_split_qkv_input(True) first. Without it, to change "
+        f"one head's {_role}, edit 'blocks.{{l}}.attn.hook_{_part}' [batch, pos, head, d_head]."
     )
 # Hook points that only some architectures have.
 _ARCHITECTURE_ONLY = {
@@ -65,8 +68,9 @@ def unknown_hook_error(name: str, hook_names: list[str], n_layers: int) -> Value
 def hook_name_advice(name: str, candidates: Iterable[str], n_layers: int) -> str:
     """What to use instead of a hook name that is not among ``candidates``, in one or two sentences.
 
-    A TransformerLens hook point that vit_lens does not have, or one that only other architectures
-    have, is explained with what to use instead; a layer out of range names the range; otherwise
+    A TransformerLens hook point that vit_lens does not have, an edge hook point whose flag is
+    off (with the setter that adds it), or one that only other architectures have, is explained
+    with what to use instead; a layer out of range names the range; otherwise
     the closest of ``candidates`` are suggested.
     """
     layer = re.match(r"blocks\.(-?\d+)\.", name)
@@ -74,7 +78,8 @@ def hook_name_advice(name: str, candidates: Iterable[str], n_layers: int) -> str
     if layer and not 0 <= int(layer.group(1)) < n_layers:
         advice.append(f"The model has {n_layers} blocks, numbered 0 to {n_layers - 1}.")
     leaf = name.rpartition(".")[2]
-    subject, explanation = leaf, _TRANSFORMER_LENS_ONLY.get(leaf) or _ARCHITECTURE_ONLY.get(leaf)
+    explanation = _TRANSFORMER_LENS_ONLY.get(leaf) or _FLAG_ONLY.get(leaf) or _ARCHITECTURE_ONLY.get(leaf)
+    subject = leaf
     if explanation is None:
         prefix = next((prefix for prefix in _ARCHITECTURE_PREFIXES if name.startswith(prefix)), None)
         subject, explanation = (prefix[:-1], _ARCHITECTURE_PREFIXES[prefix]) if prefix else (leaf, None)

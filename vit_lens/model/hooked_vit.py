@@ -24,6 +24,7 @@ from vit_lens.model.cache import VisionActivationCache
 from vit_lens.model.cache_hooks import caching_hooks
 from vit_lens.model.compile import guard_hook_edits
 from vit_lens.model.components import AttentionPool, Embed, Head, LayerNorm, Pool, PosEmbed, TransformerBlock
+from vit_lens.model.components.block import EDGE_HOOKS
 from vit_lens.model.components._hooks import is_hooked
 from vit_lens.model.config import ViTConfig
 
@@ -63,6 +64,9 @@ class HookedViT(HookedRootModule):
     ``blocks.{l}.hook_resid_pre/mid/post``    [batch, pos, d_model]
     ``blocks.{l}.ln1/ln2.hook_scale``         [batch, pos, 1]
     ``blocks.{l}.ln1/ln2.hook_normalized``    [batch, pos, d_model]
+    ``blocks.{l}.hook_q/k/v_input``           [batch, pos, head, d_model] (set_use_split_qkv_input)
+    ``blocks.{l}.hook_attn_in``               [batch, pos, head, d_model] (set_use_attn_in)
+    ``blocks.{l}.hook_mlp_in``                [batch, pos, d_model] (set_use_hook_mlp_in)
     ``blocks.{l}.attn.hook_q/k/v/z``          [batch, pos, head, d_head]
     ``blocks.{l}.attn.hook_rot_q/rot_k``      [batch, pos, head, d_head] (rotary models)
     ``blocks.{l}.attn.ln_z.*``                sub-LayerNorm on z (EVA-CLIP)
@@ -82,6 +86,12 @@ class HookedViT(HookedRootModule):
 
     Every hook may observe its tensor (return None) or replace it (return a tensor of the same
     shape); a replacement always flows into the rest of the computation.
+
+    The edge hooks (``hook_q/k/v_input``, ``hook_attn_in``, ``hook_mlp_in``) are TransformerLens's,
+    off by default: they exist only after their setter (or with the flag on in the config), are
+    copies of the residual stream that only one reader sees (one head's queries, keys or values;
+    the MLP), and leave the output unchanged. With them, ``ln1``'s hooks act on each per-head
+    copy: ``[batch, pos, head, 1]`` / ``[batch, pos, head, d_model]``.
 
     Positions (``cfg.n_ctx`` of them at ``cfg.image_size``): CLS (if any) at 0, then the
     distillation token and registers, then the patches in raster order;
@@ -142,6 +152,71 @@ class HookedViT(HookedRootModule):
         module = super()._apply(fn, *args, **kwargs)
         self.cfg.device = self.embed.W_E.device
         return module
+
+    # ------------------------------------------------------------------ TransformerLens's hook flags
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Whether ``run_with_cache`` with no ``names_filter`` caches ``attn.hook_result`` (``cfg.use_attn_result``).
+
+        ``attn.hook_result`` [batch, pos, head, d_model] always exists and is computed whenever a
+        hook is attached to it; this only changes what a default cache holds (it is large).
+        """
+        self.cfg.use_attn_result = _flag_value(use_attn_result, "set_use_attn_result")
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Add (True) or remove (False) ``blocks.{l}.hook_q_input`` / ``hook_k_input`` / ``hook_v_input``.
+
+        Each is ``[batch, pos, head, d_model]``: a per-head copy of ``hook_resid_pre`` that only
+        that head's queries (keys, values) read, through ``ln1``, so that editing head ``h``'s row
+        changes head ``h``'s queries (keys, values) and nothing else: the receiving end of an edge
+        in path patching and edge attribution. The output is unchanged; q, k and v are computed
+        per head instead of in one fused product (slower). Excludes :meth:`set_use_attn_in`.
+
+        Example:
+            >>> model.set_use_split_qkv_input(True)  # doctest: +SKIP
+            >>> model.run_with_hooks(images, fwd_hooks=[("blocks.3.hook_k_input", edit_head_5)])  # doctest: +SKIP
+        """
+        self._set_edge_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Add (True) or remove (False) ``blocks.{l}.hook_attn_in`` [batch, pos, head, d_model].
+
+        A per-head copy of ``hook_resid_pre`` that head's queries, keys and values all read
+        (through ``ln1``). The output is unchanged. Excludes :meth:`set_use_split_qkv_input`.
+        """
+        self._set_edge_flag("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Add (True) or remove (False) ``blocks.{l}.hook_mlp_in`` [batch, pos, d_model].
+
+        A copy of ``hook_resid_mid`` that only the MLP reads (through ``ln2``): editing it changes
+        the MLP's input, not the residual stream. The output is unchanged.
+        """
+        self._set_edge_flag("use_hook_mlp_in", use_hook_mlp_in)
+
+    def _set_edge_flag(self, flag: str, on: bool) -> None:
+        """Set ``cfg.<flag>``, add or remove its hook points in every block, and rebuild ``hook_dict``."""
+        on = _flag_value(on, f"set_{flag}")
+        exclusive = {"use_split_qkv_input": "use_attn_in", "use_attn_in": "use_split_qkv_input"}.get(flag)
+        if on and exclusive and getattr(self.cfg, exclusive):
+            raise ValueError(
+                f"{flag} and {exclusive} cannot both be on (TransformerLens refuses it too): both give each head its "
+                f"own copy of the attention input. Call model.set_{exclusive}(False) before model.set_{flag}(True)."
+            )
+        with self._run_lock:  # never while a run is in flight
+            if not on:
+                leaves = EDGE_HOOKS[flag]
+                attached = [name for name, point in self.hook_dict.items()
+                            if name.rpartition(".")[2] in leaves and is_hooked(point)]
+                if attached:
+                    raise RuntimeError(
+                        f"Cannot turn {flag} off while hooks are attached to {attached}: removing the hook points "
+                        "would drop their edits. Remove the hooks first (model.reset_hooks(including_permanent=True))."
+                    )
+            for block in self.blocks:
+                block.set_edge_hooks(flag, on)
+            setattr(self.cfg, flag, on)
+            self.setup()
 
     # ------------------------------------------------------------------ construction
 
@@ -1000,6 +1075,13 @@ def _matmul_error() -> ValueError:
 
 
 _MATMULS = (torch.matmul, torch.mm, torch.bmm, Tensor.matmul, Tensor.mm, Tensor.__matmul__, Tensor.__rmatmul__)
+
+
+def _flag_value(value: Any, setter: str) -> bool:
+    """``value`` if it is a bool; otherwise a TypeError naming the setter and what it takes."""
+    if not isinstance(value, bool):
+        raise TypeError(f"model.{setter} takes True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _plain_tensors(value: Any) -> Any:

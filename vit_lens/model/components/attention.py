@@ -30,6 +30,18 @@ def apply_rotary(
     return torch.cat([x[:, :n_prefix], rotated], dim=1) if n_prefix else rotated
 
 
+def _per_head_projection(
+    x: Float[Tensor, "batch pos head d_model"], weight: Float[Tensor, "head d_model d_head"], bias: Tensor
+) -> Float[Tensor, "batch pos head d_head"]:
+    """Each head's own input times that head's weights (TransformerLens's split-input einsum)."""
+    if x.ndim != 4 or x.shape[2] != weight.shape[0]:
+        raise ValueError(
+            f"A per-head attention input must be [batch, pos, head={weight.shape[0]}, d_model], got shape "
+            f"{tuple(x.shape)}"
+        )
+    return einsum("batch pos head d_model, head d_model d_head -> batch pos head d_head", x, weight) + bias
+
+
 class Attention(nn.Module):
     """Bidirectional attention, weights in TransformerLens's layout.
 
@@ -46,6 +58,12 @@ class Attention(nn.Module):
     TransformerLens); ``norm_eps`` adds a LayerNorm ``ln_z`` over the concatenated heads
     before ``W_O`` (EVA-CLIP's ``scale_attn_inner``). ``W_O`` then reads the normalised heads,
     and head ``h``'s ``hook_result`` is ``ln_z(z)[..., h, :] @ W_O[h]``.
+
+    Inputs per head (TransformerLens's ``use_split_qkv_input`` / ``use_attn_in``, set up by the
+    block): an input of shape ``[batch, pos, head, d_model]`` gives each head its own input, and
+    separate ``key_input`` / ``value_input`` give keys and values their own; each head's q, k and
+    v are then computed from its own row. A ``[batch, pos, d_model]`` input alone, the default,
+    runs the fused product of the source models.
     """
 
     def __init__(
@@ -99,19 +117,33 @@ class Attention(nn.Module):
         return is_hooked(self.hook_attn_scores, self.hook_pattern)
 
     def forward(
-        self, x: Float[Tensor, "batch pos d_model"], rotary: Tensor | None = None
+        self,
+        x: Float[Tensor, "batch pos *head_axis d_model"],
+        rotary: Tensor | None = None,
+        key_input: Float[Tensor, "batch pos head d_model"] | None = None,
+        value_input: Float[Tensor, "batch pos head d_model"] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        batch, pos, d_model = x.shape
+        """Attend; ``x`` is the queries' input, and the keys' and values' unless ``key_input`` / ``value_input`` are given.
+
+        ``rotary``: the ``[n_patches, 2 * d_head]`` sine/cosine table of a rotary model, else None.
+        """
+        batch, pos = x.shape[:2]
         h, dh = self.n_heads, self.d_head
-        # One matmul for q, k and v, as the source models do.
-        w_qkv = einops.rearrange(
-            torch.stack([self.W_Q, self.W_K, self.W_V]), "qkv head d_model d_head -> d_model (qkv head d_head)"
-        )
-        b_qkv = einops.rearrange(torch.stack([self.b_Q, self.b_K, self.b_V]), "qkv head d_head -> (qkv head d_head)")
-        qkv = torch.addmm(b_qkv, x.reshape(batch * pos, d_model), w_qkv).view(batch, pos, 3, h, dh)
-        q = self.hook_q(qkv[:, :, 0])
-        k = self.hook_k(qkv[:, :, 1])
-        v = self.hook_v(qkv[:, :, 2])
+        if x.ndim == 3 and key_input is None and value_input is None:
+            # One matmul for q, k and v, as the source models do.
+            w_qkv = einops.rearrange(
+                torch.stack([self.W_Q, self.W_K, self.W_V]), "qkv head d_model d_head -> d_model (qkv head d_head)"
+            )
+            b_qkv = einops.rearrange(
+                torch.stack([self.b_Q, self.b_K, self.b_V]), "qkv head d_head -> (qkv head d_head)"
+            )
+            qkv = torch.addmm(b_qkv, x.reshape(batch * pos, -1), w_qkv).view(batch, pos, 3, h, dh)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q = _per_head_projection(x, self.W_Q, self.b_Q)
+            k = _per_head_projection(x if key_input is None else key_input, self.W_K, self.b_K)
+            v = _per_head_projection(x if value_input is None else value_input, self.W_V, self.b_V)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.rotary != "none":
             q = self.hook_rot_q(apply_rotary(q, rotary, self.n_prefix_tokens, self.rotary))
             k = self.hook_rot_k(apply_rotary(k, rotary, self.n_prefix_tokens, self.rotary))
