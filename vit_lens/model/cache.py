@@ -8,7 +8,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vit_lens.model._transformer_lens import ActivationCache
-from vit_lens.model.hook_checks import missing_activation_error
+from vit_lens.model.hook_checks import check_ln_scale_per_token, missing_activation_error
 from vit_lens.model.hook_layout import hook_axes
 from vit_lens.model.readout import check_affine_readout, check_poolable, normalise, pooling_slice
 
@@ -241,6 +241,9 @@ class VisionActivationCache(ActivationCache):
         """
         self._check_layer(layer, "apply_ln_to_stack", mlp_input)
         final = layer in (None, -1, self.model.cfg.n_layers)
+        scale_name = f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_scale"
+        if not final and scale_name in self.cache_dict:
+            check_ln_scale_per_token(scale_name, self.cache_dict[scale_name], self.has_batch_dim)
         if final:
             self._check_final_ln_per_token(layer)
         if recompute_ln and final:

@@ -92,6 +92,24 @@ def hook_name_advice(name: str, candidates: Iterable[str], n_layers: int) -> str
     return " ".join(advice)
 
 
+def check_ln_scale_per_token(name: str, scale: Tensor, has_batch_dim: bool) -> None:
+    """Raise a ValueError if the cached LayerNorm scale ``name`` is per head (``[batch, pos, head, 1]``).
+
+    ``ln1`` acts on per-head copies of the residual stream while the model has per-head attention
+    inputs (``use_split_qkv_input`` / ``use_attn_in``); such a scale cannot divide a residual stack
+    ``[component, batch, pos, d_model]``, and broadcasting it would give wrong numbers.
+    """
+    if scale.ndim != 3 + int(has_batch_dim):
+        return
+    raise ValueError(
+        f"{name!r} in this cache is per head, {tuple(scale.shape)}: the run had per-head attention inputs "
+        "(cfg.use_split_qkv_input or cfg.use_attn_in), where ln1 normalises each head's copy of the residual stream "
+        "(with split inputs the cache keeps the values' copy). Divide by one head's scale yourself "
+        f"(cache[{name!r}][:, :, head]), use mlp_input=True or the final layer, or cache the run with the flags off "
+        "(model.set_use_split_qkv_input(False), model.set_use_attn_in(False))."
+    )
+
+
 class MissingActivationError(KeyError):
     """A cache lookup of a name the cache does not hold; a KeyError whose text reads as a sentence."""
 
