@@ -1,0 +1,394 @@
+""":func:`run_dataset`: one pass of a model over a dataset, recorded to shards on disk, resumable and distributed."""
+
+import hashlib
+import json
+import os
+import re
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vit_lens.model.cache_hooks import caching_hooks
+from vit_lens.model.hooked_vit import image_tower
+from vit_lens.runner import storage
+from vit_lens.runner.data import ShardedData
+from vit_lens.runner.distributed import Ranks, join
+from vit_lens.runner.readback import RunResult
+from vit_lens.runner.recorders import Recorder, check_hooks, resolve_tokens
+from vit_lens.utils.progress import progress as progress_bar
+
+AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHARD_BYTES = 256 * 2**20  # default shard size target: large enough for fast I/O, small enough to hold twice in RAM
+_OUR_FILES = re.compile(r"^(shard_\d{6}\.(safetensors|json)|manifest\.json|reductions\.safetensors)$")
+_OUR_TEMPORARIES = re.compile(r"^\.(shard_\d{6}\.(safetensors|json)|manifest\.json|reductions\.safetensors)\.\d+\.tmp$")
+
+
+def run_dataset(
+    model: Any,
+    data: Any,
+    out_dir: str | os.PathLike,
+    record: Any,
+    *,
+    shard_size: int | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: str = "float32",
+    num_workers: int = 0,
+    overwrite: bool = False,
+    verify_checksums: bool = True,
+    progress: bool = True,
+) -> RunResult:
+    """Run ``model`` over ``data`` once and write what ``record`` asks for to shards in ``out_dir``.
+
+    The same call works in one process and under ``torchrun --nproc_per_node=N``: rank ``r`` computes
+    the shards ``k`` with ``k % N == r`` (each rank writes its own), reductions are all-reduced in
+    float64, and rank 0 writes the manifest and the reductions after a barrier. Shard ``k`` always
+    holds images ``[k * shard_size, (k + 1) * shard_size)``, batched from its first image, so its
+    bytes do not depend on the number of processes.
+
+    Args:
+        model: A HookedViT (or HookedCLIP / HookedBlip2: the image tower runs).
+        data: A torch Dataset (items: images or ``(image, label, ...)``), a DataLoader that reads one
+            in order, a tensor of images ``[n, C, H, W]``, or any iterable of image batches (tensors or
+            ``(images, ...)`` tuples). A Dataset is indexed, so each rank loads only its images; a plain
+            iterable is read through by every rank.
+        out_dir: The run's folder (created). A folder holding a run with the same settings and the
+            same model weights is resumed: finished shards are kept, the rest computed.
+        record: A recorder or a list of them (:mod:`vit_lens.runner.recorders`: ``Activations``,
+            ``Mean``, ``Covariance``, or any object with the ``Recorder`` interface).
+        shard_size: Images per shard (None: as the existing run, else about 256 MB of rows per shard,
+            a power of two from 16 to 4096 images).
+        batch_size: Images per forward pass (None: the DataLoader's, else 32).
+        device: Where the model runs (None: where it is; ``'cuda'`` under torchrun means
+            ``cuda:LOCAL_RANK``). The model is moved there.
+        dtype: ``'float32'`` (no autocast), ``'bfloat16'`` or ``'float16'``: torch.autocast of the forward pass.
+        num_workers: DataLoader workers that load a Dataset's images.
+        overwrite: Delete a run in ``out_dir`` (only the runner's own files) and start again.
+        verify_checksums: On resume, check every finished shard's SHA-256 (else only its size).
+        progress: Show a progress bar (images/s, ETA).
+
+    Returns:
+        The :class:`vit_lens.runner.readback.RunResult` of the finished run (on every rank).
+
+    Raises:
+        ValueError: an unknown hook or token selection, duplicate recorder names, or ``out_dir``
+            holding a run with other settings, other weights or another dataset length.
+
+    Example:
+        >>> from vit_lens.runner import Activations, Mean, run_dataset
+        >>> result = run_dataset(model, dataset, "runs/val", [Activations("blocks.11.hook_resid_post", "cls"),
+        ...                      Mean("blocks.11.hook_resid_post")])  # doctest: +SKIP
+        >>> result.mean("blocks.11.hook_resid_post").shape  # [pos, d_model]  # doctest: +SKIP
+    """
+    tower = image_tower(model)
+    recorders = _check_recorders(record, tower)
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; use one of {list(AUTOCAST_DTYPES)} (bfloat16 / float16 run under "
+                         "torch.autocast)")
+    if shard_size is not None and (isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1):
+        raise ValueError(f"shard_size must be a positive int or None, got {shard_size!r}")
+    target = _resolve_device(device, tower)
+    tower.to(target)
+    ranks = join(target.type)
+    try:
+        return _run(tower, data, Path(out_dir), recorders, ranks, target, shard_size=shard_size,
+                    batch_size=batch_size, dtype=dtype, num_workers=num_workers, overwrite=overwrite,
+                    verify_checksums=verify_checksums, progress=progress)
+    finally:
+        ranks.finish()
+
+
+def _check_recorders(record: Any, tower: Any) -> list[Any]:
+    recorders = [record] if isinstance(record, Recorder) else list(record)
+    if not recorders:
+        raise ValueError("run_dataset needs something to record, e.g. record=[Activations('blocks.0.hook_resid_post')]")
+    for recorder in recorders:
+        if not isinstance(recorder, Recorder):
+            raise TypeError(f"record holds a {type(recorder).__name__}, which is no recorder (it needs name, hooks, "
+                            "tokens, settings, rows, partials and finalize; see vit_lens.runner.recorders)")
+        if not isinstance(recorder.name, str) or not recorder.name or "/" in recorder.name:
+            raise ValueError(f"A recorder's name must be a non-empty string without '/', got {recorder.name!r}")
+        recorder.hooks = check_hooks(recorder.hooks, tower, f"recorder {recorder.name!r}")
+        resolve_tokens(recorder.tokens, tower.cfg)
+    names = [recorder.name for recorder in recorders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Recorder names {names} repeat; give each its own name=... (they key the stored tensors)")
+    return recorders
+
+
+def _resolve_device(device: Any, tower: Any) -> torch.device:
+    current = next(tower.parameters()).device
+    if device is None:
+        resolved = current
+    else:
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={device!r} is not a torch device; pass 'cpu', 'cuda', 'cuda:1', ...") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here; pass device='cpu'")
+        if resolved.index is None:
+            local = os.environ.get("LOCAL_RANK")
+            resolved = torch.device("cuda", int(local) if local else torch.cuda.current_device())
+    return resolved
+
+
+class _Groups:
+    """The recorders' hooks, grouped by token selection; each group records through the model's caching hooks."""
+
+    def __init__(self, tower: Any, recorders: list[Any]):
+        self.groups: list[tuple[dict[str, Tensor], list[Any]]] = []  # (cache, recorders)
+        self.fwd_hooks: list = []
+        keyed: dict[str, tuple[Any, set[str], list[Any]]] = {}
+        for recorder in recorders:
+            pos_slice = resolve_tokens(recorder.tokens, tower.cfg)
+            key = repr(pos_slice)
+            keyed.setdefault(key, (pos_slice, set(), []))
+            keyed[key][1].update(recorder.hooks)
+            keyed[key][2].append(recorder)
+        names: set[str] = set()
+        for pos_slice, hooks, members in keyed.values():
+            cache, fwd, _ = caching_hooks(list(tower.hook_dict), hooks.__contains__, pos_slice=pos_slice)
+            self.groups.append((cache, members))
+            self.fwd_hooks += fwd
+            names |= hooks
+        self.stop_at_layer = _last_block_needed(tower, names)
+
+    def run(self, tower: Any, images: Tensor, autocast: Any) -> list[tuple[Any, dict[str, Tensor]]]:
+        """``(recorder, its activations)`` for one batch."""
+        for cache, _ in self.groups:
+            cache.clear()
+        with torch.no_grad(), autocast, tower.hooks(fwd_hooks=self.fwd_hooks):
+            tower(images, stop_at_layer=self.stop_at_layer)
+        return [(recorder, {hook: cache[hook] for hook in recorder.hooks})
+                for cache, members in self.groups for recorder in members]
+
+
+def _last_block_needed(tower: Any, names: set[str]) -> int | None:
+    """``stop_at_layer`` that still runs every hook in ``names``, or None for the whole tower."""
+    layers = []
+    for name in names:
+        parts = name.split(".")
+        if parts[0] != "blocks" or len(parts) < 2 or not parts[1].isdigit():
+            return None
+        layers.append(int(parts[1]))
+    stop = max(layers) + 1
+    return stop if stop < tower.cfg.n_layers else None
+
+
+def _run(tower: Any, data: Any, out: Path, recorders: list[Any], ranks: Ranks, device: torch.device, *,
+         shard_size: int | None, batch_size: int | None, dtype: str, num_workers: int, overwrite: bool,
+         verify_checksums: bool, progress: bool) -> RunResult:
+    groups = _Groups(tower, recorders)
+    autocast_dtype = AUTOCAST_DTYPES[dtype]
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
+    reference = next(tower.parameters())
+    probe = torch.zeros(1, tower.cfg.in_channels, *tower.cfg.image_size, dtype=reference.dtype, device=device)
+    probed = groups.run(tower, probe, autocast)  # checks every hook fires, and gives the shapes
+    partial_shapes = {f"{recorder.name}/{key}": (tuple(value.shape), value.dtype)
+                      for recorder, acts in probed for key, value in recorder.partials(acts, probe).items()}
+    row_bytes = sum(value[0].numel() * value.element_size()
+                    for recorder, acts in probed for value in recorder.rows(acts, probe).values())
+    loader = ShardedData(data, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    settings = {
+        "model": tower.cfg.model_name,
+        "recorders": [{"name": recorder.name, **recorder.settings()} for recorder in recorders],
+        "batch_size": loader.batch_size,
+        "dtype": dtype,
+    }
+    weights = storage.weights_fingerprint(tower)
+    setup = None
+    if ranks.rank == 0:
+        try:
+            setup = _prepare_folder(out, settings, weights, shard_size, row_bytes, loader.n_images, overwrite,
+                                    ranks.world_size)
+        except (ValueError, OSError) as error:
+            setup = error
+    setup = ranks.broadcast(setup)
+    if isinstance(setup, BaseException):
+        raise setup
+    shard_size, run_key = setup["shard_size"], setup["run_key"]
+    mine = {k for k in _shards_present(out) if k % ranks.world_size == ranks.rank}
+    done = {k for k in mine if _finished(out, k, run_key, verify_checksums)}
+    n_images = loader.n_images
+    total = None
+    initial = 0
+    if n_images is not None:
+        sizes = {k: min(shard_size, n_images - k * shard_size) for k in range(-(-n_images // shard_size))}
+        total = sum(size for k, size in sizes.items() if k % ranks.world_size == ranks.rank)
+        initial = sum(sizes[k] for k in done if k in sizes)
+    bar = progress_bar(total=total, initial=initial, desc="run_dataset", unit="img", enabled=progress)
+    non_blocking = device.type == "cuda"
+    with bar:
+        for k, first, batches in loader.shards(shard_size, lambda k: k % ranks.world_size == ranks.rank and k not in done):
+            rows: dict[str, list[Tensor]] = {}
+            sums: dict[str, Tensor] = {}
+            count = 0
+            for images in batches:
+                images = images.to(device, non_blocking=non_blocking)
+                if images.is_floating_point():
+                    images = images.to(reference.dtype)
+                for recorder, acts in groups.run(tower, images, autocast):
+                    for key, value in recorder.rows(acts, images).items():
+                        rows.setdefault(f"{recorder.name}/{key}", []).append(value.detach().to("cpu"))
+                    for key, value in recorder.partials(acts, images).items():
+                        full = f"partial/{recorder.name}/{key}"
+                        sums[full] = sums[full] + value if full in sums else value.detach().clone()
+                count += len(images)
+                bar.update(len(images))
+            if count:
+                _write_shard(out, k, first, count, rows, sums, run_key)
+                if ranks.rank == 0:
+                    _write_manifest(out, run_key, complete=False)
+    n_images = loader.n_images
+    ranks.barrier()
+    totals = _reduce(out, recorders, partial_shapes, n_images, shard_size, ranks, device)
+    if ranks.rank == 0:
+        missing = [k for k in range(-(-n_images // shard_size)) if not (out / storage.record_name(k)).is_file()]
+        if missing:
+            raise RuntimeError(f"Shards {missing} of {out} were not written by any rank; run again to compute them")
+        results = {f"{recorder.name}/{key}": value for recorder in recorders
+                   for key, value in recorder.finalize({key.split("/", 1)[1]: total for key, total in totals.items()
+                                                        if key.split("/", 1)[0] == recorder.name}).items()}
+        reductions = storage.write_tensors(out / storage.REDUCTIONS, results) if results else None
+        _write_manifest(out, run_key, complete=True, n_images=n_images, reductions=reductions)
+    ranks.barrier()
+    return RunResult(out)
+
+
+def _reduce(out: Path, recorders: list[Any], shapes: dict[str, tuple], n_images: int, shard_size: int,
+            ranks: Ranks, device: torch.device) -> dict[str, Tensor]:
+    """Dataset totals of every partial sum: this rank's shards summed in shard order, read back from
+    their files (so a resumed run reduces exactly as an uninterrupted one), then all-reduced over ranks."""
+    totals = {key: torch.zeros(shape, dtype=torch.float64) for key, (shape, _) in shapes.items()}
+    if not totals:
+        return totals
+    for k in range(ranks.rank, -(-n_images // shard_size), ranks.world_size):
+        shard = storage.TensorFile(out / storage.shard_name(k))
+        for key in totals:
+            totals[key] += shard[f"partial/{key}"]
+    return {key: ranks.all_reduce_sum(value, device) for key, value in totals.items()}
+
+
+def _run_key(settings: dict, weights: str, shard_size: int) -> str:
+    text = json.dumps({"settings": settings, "weights": weights, "shard_size": shard_size}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _prepare_folder(out: Path, settings: dict, weights: str, shard_size: int | None, row_bytes: int,
+                    n_images: int | None, overwrite: bool, world_size: int) -> dict[str, Any]:
+    """Rank 0: check or start the manifest; returns the shard size and the run key every rank uses."""
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for path in out.iterdir():
+            if _OUR_FILES.match(path.name) or _OUR_TEMPORARIES.match(path.name):
+                path.unlink()
+    for path in out.iterdir():  # a crashed run's temporary files are never read; remove them
+        if _OUR_TEMPORARIES.match(path.name):
+            path.unlink(missing_ok=True)
+    manifest = _read_manifest(out)
+    fresh = "use another out_dir, or overwrite=True (CLI: --overwrite) to delete this run and start again"
+    if manifest is None:
+        stray = sorted(p.name for p in out.iterdir() if _OUR_FILES.match(p.name))
+        if stray:
+            raise ValueError(f"{out} holds runner files {stray[:3]} but no {storage.MANIFEST}, so nothing says which "
+                             f"model or settings wrote them; {fresh}")
+        if shard_size is None:
+            shard_size = _default_shard_size(row_bytes)
+        manifest = {"format": storage.FORMAT, "settings": settings, "shard_size": shard_size,
+                    "weights_sha256": weights, "n_images": n_images, "complete": False, "shards": [],
+                    "world_size": world_size}
+        storage.write_json_atomic(out / storage.MANIFEST, manifest)
+    else:
+        if manifest["settings"] != settings:
+            changed = {key: (manifest["settings"].get(key), settings.get(key))
+                       for key in manifest["settings"].keys() | settings.keys()
+                       if manifest["settings"].get(key) != settings.get(key)}
+            raise ValueError(f"{out} holds a run with other settings (stored vs now: {changed}); {fresh}")
+        if manifest["weights_sha256"] != weights:
+            raise ValueError(f"{out} holds a run of a model whose weights have fingerprint "
+                             f"{manifest['weights_sha256'][:23]}..., but this model's are {weights[:23]}...: resuming "
+                             f"would mix two models' activations; {fresh}")
+        if shard_size is not None and shard_size != manifest["shard_size"]:
+            raise ValueError(f"{out} holds a run with shard_size={manifest['shard_size']}, not {shard_size}; pass "
+                             f"shard_size={manifest['shard_size']} (or None) to resume, or {fresh}")
+        if n_images is not None and manifest["n_images"] is not None and n_images != manifest["n_images"]:
+            raise ValueError(f"{out} holds a run over {manifest['n_images']} images, but this dataset has {n_images}; "
+                             f"{fresh}")
+        shard_size = manifest["shard_size"]
+    return {"shard_size": shard_size, "run_key": _run_key(settings, weights, shard_size)}
+
+
+def _default_shard_size(row_bytes: int) -> int:
+    size = 4096
+    while size > 16 and size * row_bytes > _SHARD_BYTES:
+        size //= 2
+    return size
+
+
+def _read_manifest(out: Path) -> dict | None:
+    path = out / storage.MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); pass overwrite=True to start the run again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != storage.FORMAT:
+        raise ValueError(f"{path} is not a vit_lens run manifest (format {storage.FORMAT}); use another out_dir, or "
+                         "overwrite=True to replace it")
+    return manifest
+
+
+def _shards_present(out: Path) -> list[int]:
+    return sorted(int(path.name[6:12]) for path in out.glob("shard_*.json"))
+
+
+def _finished(out: Path, k: int, run_key: str, checksum: bool) -> bool:
+    """Whether shard ``k`` is done: its record belongs to this run and its file matches the record."""
+    try:
+        record = json.loads((out / storage.record_name(k)).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if record.get("run_key") != run_key:
+        return False
+    problem = storage.check_file(out / record["file"], record, checksum)
+    if problem:
+        warnings.warn(f"{problem}; computing shard {k} again", stacklevel=3)
+        return False
+    return True
+
+
+def _write_shard(out: Path, k: int, first: int, count: int, rows: dict[str, list[Tensor]],
+                 sums: dict[str, Tensor], run_key: str) -> None:
+    tensors = {key: torch.cat(parts) for key, parts in rows.items()}
+    tensors.update({key: value.to("cpu") for key, value in sums.items()})
+    metadata = {"format": storage.FORMAT, "shard": str(k), "first_image": str(first), "n_images": str(count)}
+    written = storage.write_tensors(out / storage.shard_name(k), tensors, metadata)
+    record = {"index": k, "file": storage.shard_name(k), "first_image": first, "n_images": count,
+              "rows": {key: len(value) for key, value in tensors.items() if not key.startswith("partial/")},
+              "run_key": run_key, **written}
+    storage.write_json_atomic(out / storage.record_name(k), record)
+
+
+def _write_manifest(out: Path, run_key: str, complete: bool, n_images: int | None = None, reductions: dict | None = None) -> None:
+    """Rank 0: the manifest lists every shard with a record (whoever wrote it), in shard order."""
+    manifest = _read_manifest(out)
+    records = []
+    for k in _shards_present(out):
+        try:
+            records.append(json.loads((out / storage.record_name(k)).read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # another rank's record appears atomically; a file that cannot be read is not one yet
+    manifest["shards"] = [record for record in records if record.get("run_key") == run_key]
+    manifest["complete"] = complete
+    if n_images is not None:
+        manifest["n_images"] = n_images
+    if reductions is not None:
+        manifest["reductions"] = {"file": storage.REDUCTIONS, **reductions}
+    storage.write_json_atomic(out / storage.MANIFEST, manifest)
