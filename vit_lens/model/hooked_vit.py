@@ -155,7 +155,7 @@ class HookedViT(HookedRootModule):
 
     # ------------------------------------------------------------------ TransformerLens's hook flags
 
-    def set_use_attn_result(self, use_attn_result: bool) -> None:
+    def set_use_attn_result(self, use_attn_result: Any) -> None:  # a bool, checked with a directed message
         """Whether ``run_with_cache`` with no ``names_filter`` caches ``attn.hook_result`` (``cfg.use_attn_result``).
 
         ``attn.hook_result`` [batch, pos, head, d_model] always exists and is computed whenever a
@@ -163,7 +163,7 @@ class HookedViT(HookedRootModule):
         """
         self.cfg.use_attn_result = _flag_value(use_attn_result, "set_use_attn_result")
 
-    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+    def set_use_split_qkv_input(self, use_split_qkv_input: Any) -> None:  # a bool, checked with a directed message
         """Add (True) or remove (False) ``blocks.{l}.hook_q_input`` / ``hook_k_input`` / ``hook_v_input``.
 
         Each is ``[batch, pos, head, d_model]``: a per-head copy of ``hook_resid_pre`` that only
@@ -178,7 +178,7 @@ class HookedViT(HookedRootModule):
         """
         self._set_edge_flag("use_split_qkv_input", use_split_qkv_input)
 
-    def set_use_attn_in(self, use_attn_in: bool) -> None:
+    def set_use_attn_in(self, use_attn_in: Any) -> None:  # a bool, checked with a directed message
         """Add (True) or remove (False) ``blocks.{l}.hook_attn_in`` [batch, pos, head, d_model].
 
         A per-head copy of ``hook_resid_pre`` that head's queries, keys and values all read
@@ -186,7 +186,7 @@ class HookedViT(HookedRootModule):
         """
         self._set_edge_flag("use_attn_in", use_attn_in)
 
-    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: Any) -> None:  # a bool, checked with a directed message
         """Add (True) or remove (False) ``blocks.{l}.hook_mlp_in`` [batch, pos, d_model].
 
         A copy of ``hook_resid_mid`` that only the MLP reads (through ``ln2``): editing it changes
@@ -194,7 +194,7 @@ class HookedViT(HookedRootModule):
         """
         self._set_edge_flag("use_hook_mlp_in", use_hook_mlp_in)
 
-    def _set_edge_flag(self, flag: str, on: bool) -> None:
+    def _set_edge_flag(self, flag: str, on: Any) -> None:
         """Set ``cfg.<flag>``, add or remove its hook points in every block, and rebuild ``hook_dict``."""
         on = _flag_value(on, f"set_{flag}")
         exclusive = {"use_split_qkv_input": "use_attn_in", "use_attn_in": "use_split_qkv_input"}.get(flag)
