@@ -24,6 +24,7 @@ FLOORS = [
     ("vit_lens.intervene", 3),
     ("vit_lens.toy", 3),
     ("vit_lens.runner", 3),
+    ("vit_lens.circuits", 3),
     ("vit_lens.planted", 3),
     ("vit_lens.sae", 3),
     ("vit_lens.methods", 4),

@@ -1,0 +1,35 @@
+"""Circuits: which paths between a ViT's heads and MLPs carry a behaviour.
+
+- :mod:`~vit_lens.circuits.graph`: :class:`CircuitGraph`: senders (input, heads, MLPs), receivers (each
+  head's query, key and value inputs, each MLP, the output) and the edges between them, optionally split
+  by token group (CLS, registers, patches, regions, or per-image groups such as object patches).
+- :mod:`~vit_lens.circuits.edges`: the forward pass with chosen edges patched from a source run
+  (counterfactual, mean or zero), which every method below is built on.
+- :mod:`~vit_lens.circuits.attribution`: edge scores: :func:`edge_attribution_patching` (EAP),
+  :func:`eap_ig` (inputs or activations), :func:`exact_edge_patching`, and the baselines
+  :func:`node_attribution_patching` and :func:`random_edge_scores`, as :class:`EdgeScores`.
+- :mod:`~vit_lens.circuits.paths`: :func:`path_patching` (sender sweeps along chosen paths) and
+  :func:`patch_paths` (one run with named edges patched).
+
+Every method runs on a HookedViT or a HookedCLIP's image tower and turns on the split q/k/v input and MLP
+input hooks (``set_use_split_qkv_input``, ``set_use_hook_mlp_in``) only while it runs.
+"""
+
+from vit_lens._lazy import lazy_package
+
+__getattr__, __dir__, __all__ = lazy_package(
+    __name__,
+    {
+        "CircuitGraph": ".graph",
+        "region_groups": ".graph",
+        "EdgeScores": ".attribution",
+        "edge_attribution_patching": ".attribution",
+        "eap_ig": ".attribution",
+        "exact_edge_patching": ".attribution",
+        "node_attribution_patching": ".attribution",
+        "random_edge_scores": ".attribution",
+        "path_patching": ".paths",
+        "patch_paths": ".paths",
+    },
+    ("graph", "edges", "attribution", "paths"),
+)
