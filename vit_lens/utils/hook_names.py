@@ -37,9 +37,10 @@ def get_act_name(name: str, layer: int | str | None = None, layer_type: str | No
     that LayerNorm (``get_act_name("scale", layer_type="ln_pre")`` is ``"ln_pre.hook_scale"``,
     CLIP's LayerNorm before the first block), where TransformerLens would prefix ``ln_final.``.
 
-    Some names TransformerLens produces have no hook point in a vision transformer
-    (``mid``, ``attn_in``, ``q_input``, ``mlp_in``); the model says so, with the closest real
-    names, when a hook or a cache lookup uses one.
+    ``mid`` has no hook point in a vision transformer (the model says so, with the closest real names,
+    when a hook or a cache lookup uses it); ``attn_in``, ``q_input`` / ``k_input`` / ``v_input`` and
+    ``mlp_in`` exist once ``set_use_attn_in`` / ``set_use_split_qkv_input`` / ``set_use_hook_mlp_in``
+    turned them on, and until then the model names the setter to call.
 
     Args:
         name: The shorthand or full name.
