@@ -10,6 +10,11 @@
   :func:`node_attribution_patching` and :func:`random_edge_scores`, as :class:`EdgeScores`.
 - :mod:`~vit_lens.circuits.paths`: :func:`path_patching` (sender sweeps along chosen paths) and
   :func:`patch_paths` (one run with named edges patched).
+- :mod:`~vit_lens.circuits.evaluation`: MIB's circuit evaluation: :func:`faithfulness_curve` (top-n or
+  greedy circuits run with every other edge patched), CPR and CMD, and :func:`evaluate_methods`.
+- :mod:`~vit_lens.circuits.views`: :func:`circuit_figure` (the circuit's graph, edges weighted by score) and
+  :func:`edge_map` (where on the image one edge carries its effect, as :class:`EdgeMap`).
+- :mod:`~vit_lens.circuits.export`: :func:`to_json` / :func:`from_json` in the EAP-IG / MIB graph layout.
 
 Every method runs on a HookedViT or a HookedCLIP's image tower and turns on the split q/k/v input and MLP
 input hooks (``set_use_split_qkv_input``, ``set_use_hook_mlp_in``) only while it runs.
@@ -30,6 +35,14 @@ __getattr__, __dir__, __all__ = lazy_package(
         "random_edge_scores": ".attribution",
         "path_patching": ".paths",
         "patch_paths": ".paths",
+        "faithfulness_curve": ".evaluation",
+        "evaluate_methods": ".evaluation",
+        "FaithfulnessCurve": ".evaluation",
+        "circuit_figure": ".views",
+        "edge_map": ".views",
+        "EdgeMap": ".views",
+        "to_json": ".export",
+        "from_json": ".export",
     },
-    ("graph", "edges", "attribution", "paths"),
+    ("graph", "edges", "attribution", "paths", "views", "export"),
 )
