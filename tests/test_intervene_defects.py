@@ -164,20 +164,22 @@ def test_patch_region_checks_grid_size(model):
 
 def test_a_store_resumed_after_a_short_final_shard_skips_exactly_what_it_holds(model, data, tmp_path):
     ccd(model, data[:3], tmp_path / "s")  # shards of 2 and 1 batches
-    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
-    assert [(s["images"], s["batches"]) for s in meta["shards"]] == [(4, 2), (2, 1)]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert [s["n_images"] for s in manifest["shards"]] == [4, 2] and manifest["shard_size"] == 4
+    first = (tmp_path / "s" / "shard_000000.safetensors").stat().st_ino
     store = ccd(model, data, tmp_path / "s")
     assert len(store) == 14  # it was 12: the fourth batch was skipped
     torch.testing.assert_close(store[:], in_memory(model, data))
+    assert (tmp_path / "s" / "shard_000000.safetensors").stat().st_ino == first  # the full shard was kept
 
 
 def test_a_store_refuses_to_resume_with_other_weights_or_directions(model, data, tmp_path):
     ccd(model, data[:2], tmp_path / "s")
     other = issue_model(seed=1)
     assert weights_fingerprint(other) != weights_fingerprint(model) == weights_fingerprint(issue_model(seed=0))
-    with pytest.raises(ValueError, match=r"was started with a model whose weights have fingerprint sha256:[0-9a-f]{16}"
-                                         r"\.\.\., but this model's are sha256:[0-9a-f]{16}.*use another directory, or "
-                                         r"pass overwrite=True"):
+    with pytest.raises(ValueError, match=r"holds a run of a model whose weights have fingerprint sha256:[0-9a-f]{16}"
+                                         r"\.\.\., but this model's are sha256:[0-9a-f]{16}.*use another out_dir, or "
+                                         r"overwrite=True"):
         ccd(other, data, tmp_path / "s")
     assert len(ContributionStore(tmp_path / "s")) == 4  # untouched
     store = ccd(other, data, tmp_path / "s", overwrite=True)
@@ -198,49 +200,75 @@ def test_a_weights_fingerprint_sees_one_changed_number(model):
     assert weights_fingerprint(changed) != before and weights_fingerprint(model) == before
 
 
-def test_a_short_shard_is_an_error_when_the_store_is_opened_or_resumed(model, data, tmp_path):
+def test_a_short_shard_is_an_error_when_the_store_is_opened_and_recomputed_on_resume(model, data, tmp_path):
     directory = tmp_path / "s"
     ccd(model, data, directory)  # shards of 4, 4, 4 and 2 images
-    shard = directory / "shard_00002.npy"
-    np.save(shard, np.load(directory / "shard_00003.npy"))  # a valid array, 2 rows where the manifest says 4
-    with pytest.raises(ValueError, match=r"shard_00002.npy holds an array of shape \(2, 12, 16\), but meta.json records "
-                                         r"\(4, 12, 16\)"):
+    shard = directory / "shard_000002.safetensors"
+    shard.write_bytes((directory / "shard_000003.safetensors").read_bytes())  # a valid file, 2 rows where 4 belong
+    with pytest.raises(ValueError, match=r"shard_000002.safetensors has \d+ bytes, its record says \d+ \(truncated or "
+                                         r"replaced\).*compute_contributions_to_disk with the same arguments resumes it"):
         ContributionStore(directory)  # it used to read as a store of 12 images
-    with pytest.raises(ValueError, match="shard_00002.npy holds an array of shape"):
-        ccd(model, data, directory)
-    assert len(ccd(model, data, directory, overwrite=True)) == 14
+    with pytest.warns(UserWarning, match="computing shard 2 again"):
+        store = ccd(model, data, directory)
+    assert len(store) == 14
+    torch.testing.assert_close(store[:], in_memory(model, data))
 
 
 def test_damaged_store_files_give_one_clear_error(model, data, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save
+
     directory = tmp_path / "s"
     ccd(model, data[:4], directory)
-    shard = directory / "shard_00001.npy"
+    shard = directory / "shard_000001.safetensors"
     good = shard.read_bytes()
 
     shard.write_bytes(good[: len(good) // 2])
-    with pytest.raises(ValueError, match=r"shard_00001.npy cannot be read as a .npy array \(.*\): it is truncated or "
-                                         r"damaged \(\d+ bytes; meta.json records 4 images in it\)"):
+    with pytest.raises(ValueError, match=r"shard_000001.safetensors has \d+ bytes, its record says \d+ \(truncated"):
         ContributionStore(directory)
 
-    np.save(shard, np.zeros((4, 12, 5), dtype=np.float32))  # the wrong width: it used to fail only in .mean()
-    with pytest.raises(ValueError, match=r"shard_00001.npy holds an array of shape \(4, 12, 5\), but meta.json records "
-                                         r"\(4, 12, 16\)"):
+    with safe_open(shard.with_name("shard_000000.safetensors"), "pt") as whole:  # same bytes, other shape
+        values, metadata = whole.get_tensor("contributions/values"), whole.metadata()
+    shard.write_bytes(save({"contributions/values": values.reshape(4, 16, 12).contiguous()}, metadata=metadata))
+    assert len(shard.read_bytes()) == len(good)
+    with pytest.raises(ValueError, match=r"shard_000001.safetensors holds \(4, 16, 12\) under 'contributions/values', "
+                                         r"but the manifest records \(4, 12, 16\)"):
         ContributionStore(directory)
 
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=r"shard_00001.npy is missing: meta.json records it with 4 images"):
+    with pytest.raises(ValueError, match=r"shard_000001.safetensors is missing"):
         ContributionStore(directory)
 
     shard.write_bytes(good)
-    meta = directory / "meta.json"
-    meta.write_text(meta.read_text()[:40])
-    with pytest.raises(ValueError, match=r"meta.json is not valid JSON \(.*\); the manifest is damaged"):
+    assert len(ContributionStore(directory)) == 8
+    manifest = directory / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(ValueError, match=r"manifest.json is not valid JSON \(.*overwrite=True"):
         ContributionStore(directory)
     with pytest.raises(ValueError, match="overwrite=True"):
         ccd(model, data, directory)
     (directory / "notes.txt").write_text("mine")
     assert len(ccd(model, data, directory, overwrite=True)) == 14
     assert (directory / "notes.txt").read_text() == "mine"  # overwrite deletes the store's files only
+
+
+def test_a_store_in_the_format_before_the_runner_is_refused_and_overwritten(model, data, tmp_path):
+    directory = tmp_path / "old"
+    directory.mkdir()
+    (directory / "meta.json").write_text(json.dumps({"format": "vit_lens.ContributionStore/2", "settings": {},
+                                                     "shards": [{"file": "shard_00000.npy", "images": 2}],
+                                                     "labels": ["embed"]}))
+    np.save(directory / "shard_00000.npy", np.zeros((2, 1, 16), dtype=np.float32))
+    (directory / "notes.txt").write_text("mine")
+    advice = r"format before the dataset runner \(meta.json and .npy shards\).*overwrite=True"
+    with pytest.raises(ValueError, match=advice):
+        ContributionStore(directory)
+    with pytest.raises(ValueError, match=advice):
+        ccd(model, data, directory)
+    store = ccd(model, data[:2], directory, overwrite=True)
+    assert len(store) == 4 and sorted(p.name for p in directory.iterdir() if p.suffix in (".npy", ".json")) == [
+        "manifest.json", "shard_000000.json"]
+    assert (directory / "notes.txt").read_text() == "mine"
 
 
 def test_store_arguments_are_checked_before_any_work(model, data, tmp_path):
