@@ -7,6 +7,9 @@ patch tokens; head (2, 1) then moves it from the background patches into CLS. Ev
 listed for a factor is inert, and so is the MLP of layer 3: resampling their outputs from another
 image changes no prediction (training enforced both with strict interchange interventions; the
 tests measure them on fresh images).
+
+:func:`edge_truth` turns the design into labels over the edges of the circuit graph
+(:class:`vit_lens.circuits.graph.CircuitGraph`), for scoring circuit-discovery methods.
 """
 
 from dataclasses import dataclass
