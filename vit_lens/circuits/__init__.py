@@ -44,5 +44,5 @@ __getattr__, __dir__, __all__ = lazy_package(
         "to_json": ".export",
         "from_json": ".export",
     },
-    ("graph", "edges", "attribution", "paths", "views", "export"),
+    ("graph", "edges", "attribution", "paths", "evaluation", "views", "export"),
 )
