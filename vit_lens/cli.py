@@ -414,6 +414,129 @@ def _sae_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+_CACHE_TOKENS = "all, cls, patches, prefix, or token indices separated by commas (e.g. 0,5,9)"
+
+
+def _cache_tokens(text: str):
+    """``--tokens``: a name the runner knows, or token indices."""
+    if text in ("all", "cls", "patches", "prefix"):
+        return text
+    try:
+        indices = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use {_CACHE_TOKENS}") from None
+    if not indices:
+        raise argparse.ArgumentTypeError(f"{text!r} names no token; use {_CACHE_TOKENS}")
+    return indices
+
+
+def _check_cache_arguments(args: argparse.Namespace) -> tuple[str, str]:
+    """The dataset spec split into (kind, value), after checking every argument that needs no model."""
+    _check_model_spec(args.model, allow_toy=True)
+    if args.model == "toy" and args.pretrained is not None:
+        raise CommandError("--pretrained needs a real model (--model open_clip:<arch> or timm:<name>); the toy CLIP "
+                           "ships its own weights")
+    kind, _, value = args.dataset.partition(":")
+    if kind == "toy":
+        if not value.isdigit() or int(value) < 1:
+            raise CommandError(f"--dataset {args.dataset}: use toy:<number of images>, e.g. toy:512")
+        if args.model != "toy":
+            raise CommandError(f"--dataset {args.dataset}: the toy world's 64x64 images are for --model toy; give "
+                               f"{args.model} a folder of images with --dataset folder:PATH")
+    elif kind == "folder":
+        if not value or not Path(value).is_dir():
+            raise CommandError(f"--dataset {args.dataset}: no such folder; pass folder:PATH with a folder of images")
+    else:
+        raise CommandError(f"--dataset {args.dataset}: use toy:<n> (the toy world) or folder:PATH (image files, read "
+                           "recursively in path order)")
+    args.hooks = [name.strip() for group in args.hooks for name in group.split(",") if name.strip()]
+    if not args.hooks:
+        raise CommandError("--hooks names no hook point; e.g. --hooks blocks.1.hook_resid_post")
+    if args.no_activations and not (args.mean or args.covariance):
+        raise CommandError("--no-activations leaves nothing to record; add --mean and/or --covariance")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"--out {args.out} is a file; pass a folder (created if missing)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CommandError("--device cuda: CUDA is not available here; use --device cpu (or auto)")
+    return kind, value
+
+
+def _cache_model(args: argparse.Namespace):
+    """``(model, preprocess)``: the model to run and its image transform for a folder of images."""
+    if args.model == "toy":
+        from vit_lens.toy import load_toy_clip
+
+        clip = load_toy_clip()
+        size = tuple(clip.vision.cfg.image_size)
+
+        def preprocess(image):
+            import numpy as np
+            import torch
+
+            resized = image.resize((size[1], size[0]))
+            return torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+        return clip, preprocess
+    from vit_lens.loading import check_model_name
+
+    kind, _ = check_model_name(args.model)
+    if kind == "open_clip":
+        from vit_lens.model.clip import HookedCLIP
+
+        clip = HookedCLIP.from_pretrained(args.model, pretrained=args.pretrained)
+        return clip, clip.preprocess
+    import timm.data
+
+    from vit_lens.loading import load_source_model
+    from vit_lens.model.hooked_vit import HookedViT
+
+    _, source = load_source_model(args.model, pretrained=args.pretrained)
+    return HookedViT.from_timm(source), timm.data.create_transform(**timm.data.resolve_data_config({}, model=source))
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """Cache activations and dataset statistics to a resumable folder of shards; runs under torchrun too."""
+    kind, value = _check_cache_arguments(args)
+    import torch
+
+    from vit_lens.model.hooked_vit import image_tower
+    from vit_lens.runner import Activations, Covariance, ImageFiles, Mean, run_dataset
+    from vit_lens.runner.recorders import check_hooks, resolve_tokens
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, preprocess = _cache_model(args)
+    tower = image_tower(model)
+    try:
+        check_hooks(args.hooks, tower, "--hooks")
+        resolve_tokens(args.tokens, tower.cfg)
+    except ValueError as error:
+        raise CommandError(str(error).replace("tokens=", "--tokens ")) from None
+    if kind == "toy":
+        from vit_lens.toy import ToyWorld
+
+        data = ToyWorld(seed=args.seed).sample(int(value)).images
+    else:
+        data = ImageFiles(value, preprocess)
+    record = [] if args.no_activations else [Activations(args.hooks, args.tokens, store_dtype=args.store_dtype)]
+    if args.mean:
+        record.append(Mean(args.hooks, args.tokens, over=args.over))
+    if args.covariance:
+        record.append(Covariance(args.hooks, args.tokens, over=args.over))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    result = run_dataset(model, data, args.out, record, shard_size=args.shard_size, batch_size=args.batch_size,
+                         device=device, dtype=args.dtype, num_workers=args.num_workers, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"\nDone in {time.perf_counter() - started:.0f} s: {result.n_images} images in {len(result.shards)} "
+              f"shards of {result.shard_size}.\n  {Path(args.out).resolve()}\nRead it back with "
+              f"vit_lens.runner.RunResult({str(args.out)!r}).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vit-lens", description="Mechanistic interpretability for vision transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -482,6 +605,37 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--seed", type=int, default=1)
     dashboard.add_argument("--threads", type=_positive_int, default=2, help="torch threads (default: %(default)s)")
     dashboard.set_defaults(run=_sae_dashboard, command="sae dashboard")
+    cache = commands.add_parser(
+        "cache", parents=[common],
+        help="cache activations / dataset means and covariances over a dataset to resumable shards (torchrun-ready)",
+    )
+    cache.add_argument("--model", default="toy",
+                       help="'toy' (built-in, offline), open_clip:<arch> or timm:<name> (default: %(default)s)")
+    cache.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file for a real model")
+    cache.add_argument("--dataset", required=True, help="toy:<n> (n toy-world images) or folder:PATH (image files)")
+    cache.add_argument("--hooks", action="append", required=True,
+                       help="hook point names, comma-separated or repeated (e.g. blocks.11.hook_resid_post)")
+    cache.add_argument("--tokens", type=_cache_tokens, default="all", help=f"{_CACHE_TOKENS} (default: %(default)s)")
+    cache.add_argument("--mean", action="store_true", help="also the dataset mean at each hook (float64)")
+    cache.add_argument("--covariance", action="store_true", help="also the covariance and second moment (float64)")
+    cache.add_argument("--over", choices=("images", "tokens"), default="images",
+                       help="statistics over images (per token) or over every token (default: %(default)s)")
+    cache.add_argument("--no-activations", action="store_true", help="only the statistics, no cached rows")
+    cache.add_argument("--store-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="dtype of the cached rows on disk (default: %(default)s)")
+    cache.add_argument("--out", required=True, help="the run's folder; the same command resumes an interrupted run")
+    cache.add_argument("--shard-size", type=_positive_int, default=None,
+                       help="images per shard (default: about 256 MB of rows per shard)")
+    cache.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward (default: %(default)s)")
+    cache.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="auto: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu")
+    cache.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                       help="autocast dtype of the forward pass (default: %(default)s)")
+    cache.add_argument("--num-workers", type=_count, default=0, help="DataLoader workers for a folder (default: 0)")
+    cache.add_argument("--overwrite", action="store_true", help="delete a run already in --out and start again")
+    cache.add_argument("--seed", type=int, default=0, help="toy-world seed (default: %(default)s)")
+    cache.add_argument("--threads", type=_positive_int, default=2, help="torch threads per process (default: %(default)s)")
+    cache.set_defaults(run=_cache)
     return parser
 
 

@@ -368,7 +368,8 @@ def _write_shard(out: Path, k: int, first: int, count: int, rows: dict[str, list
                  sums: dict[str, Tensor], run_key: str) -> None:
     tensors = {key: torch.cat(parts) for key, parts in rows.items()}
     tensors.update({key: value.to("cpu") for key, value in sums.items()})
-    metadata = {"format": storage.FORMAT, "shard": str(k), "first_image": str(first), "n_images": str(count)}
+    # One metadata entry: safetensors orders several in a hash map, which would make equal shards differ in bytes.
+    metadata = {"vit_lens": json.dumps({"format": storage.FORMAT, "shard": k, "first_image": first, "n_images": count})}
     written = storage.write_tensors(out / storage.shard_name(k), tensors, metadata)
     record = {"index": k, "file": storage.shard_name(k), "first_image": first, "n_images": count,
               "rows": {key: len(value) for key, value in tensors.items() if not key.startswith("partial/")},
