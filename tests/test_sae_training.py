@@ -454,3 +454,42 @@ def test_the_docs_training_and_evaluation_examples_run(tmp_path, monkeypatch):
     assert namespace["log"][-1]["l0"] == 16.0 and namespace["log"][-1]["explained_variance"] > 0.8
     assert namespace["result"].explained_variance > 0.8
     assert (tmp_path / "saes" / "toy_clip_topk" / "cfg.json").is_file()
+
+
+# ------------------------------------------------------------------ training on activations cached by the dataset runner
+
+
+def test_an_sae_trained_on_runner_cached_activations_equals_one_trained_on_the_streamed_images(clip, tmp_path):
+    from vit_lens.runner import Activations, run_dataset
+
+    images = ToyWorld(seed=5).sample(20).images  # chunks of 8, 8 and 4 images: 512, 512, 256 patch rows, cycled
+    cfg = SAEConfig(d_in=128, d_sae=64, architecture="topk", k=4, hook_name=HOOK, token_selection="patches")
+    kwargs = dict(steps=24, batch_size_tokens=128, buffer_tokens=512, lr=3e-3, progress=False, log_every=4)
+    streamed, streamed_log = train_sae(clip, cfg, images, image_batch_size=8, **kwargs)
+    result = run_dataset(clip, images, tmp_path / "cache", Activations(HOOK, tokens="patches"), batch_size=8,
+                         progress=False)
+    rows = result.activations(HOOK, rows="tokens")
+    assert len(rows) == 20 * 64
+    cached, cached_log = train_sae_on_activations(cfg, rows, image_batch_size=8, checkpoint_dir=tmp_path / "ckpt",
+                                                  checkpoint_every=12, **kwargs)
+    assert cached_log == streamed_log and len(cached_log) == 6
+    for name, tensor in streamed.state_dict().items():
+        assert torch.equal(cached.state_dict()[name], tensor), name
+    assert cached.cfg.model_name == streamed.cfg.model_name == clip.vision.cfg.model_name
+    # the same rows per image, read as one row per image, and a resumed run: still the same SAE
+    resumed, _ = train_sae_on_activations(None, result.activations(HOOK), image_batch_size=8,
+                                          resume=tmp_path / "ckpt" / "step_00000012", **kwargs)
+    assert torch.equal(resumed.W_enc, streamed.W_enc) and torch.equal(resumed.b_dec, streamed.b_dec)
+    # the buffer fills row by row, so the chunk size does not matter; the order of the images does
+    smaller_chunks, _ = train_sae_on_activations(cfg, rows, image_batch_size=3, **kwargs)
+    assert torch.equal(smaller_chunks.W_enc, streamed.W_enc)
+    reordered = run_dataset(clip, images.roll(1, 0), tmp_path / "reordered", Activations(HOOK, tokens="patches"),
+                            batch_size=8, progress=False).activations(HOOK, rows="tokens")
+    assert not torch.equal(train_sae_on_activations(cfg, reordered, image_batch_size=8, **kwargs)[0].W_enc,
+                           streamed.W_enc)
+
+    with pytest.raises(TypeError, match=r"images is a ShardedRows.*train_sae_on_activations\(cfg, rows, "
+                                        r"image_batch_size=\.\.\.\)"):
+        train_sae(clip, cfg, rows, **kwargs)
+    with pytest.raises(ValueError, match=r"have rows of shape \(128,\), which do not split into rows of 96 columns"):
+        train_sae_on_activations(SAEConfig(d_in=96, d_sae=8), rows, **kwargs)

@@ -5,7 +5,9 @@ block that holds the SAE's hook point(s) (``run_with_cache(names_filter=..., sto
 and keeps the rows of the tokens the SAE is for (``cfg.token_selection``, narrowed by an optional
 token mask): one chunk of rows per image batch. :class:`ActivationBuffer` shuffles the chunks'
 rows together before serving them as training batches, holding at most ``buffer_tokens`` rows,
-so a dataset's activations are never in memory at once.
+so a dataset's activations are never in memory at once. :func:`cached_chunks` serves the same
+chunks from activations the dataset runner cached on disk (:class:`vit_lens.runner.ShardedRows`),
+so an SAE trained on the cache equals one trained on the streamed images.
 
 Example:
     >>> import vit_lens
@@ -18,6 +20,7 @@ Example:
     (256, 128)
 """
 
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,6 +30,7 @@ from torch import Tensor
 
 from vit_lens.model.hook_layout import hook_axes
 from vit_lens.model.hooked_vit import image_tower
+from vit_lens.runner.readback import ShardedRows
 from vit_lens.sae.model import SAE
 from vit_lens.sae.splice import _check_hook_name, _token_slice
 
@@ -213,6 +217,12 @@ def image_batches(images: Any, image_batch_size: int = 64) -> Callable[[], Itera
             )
         _positive_int("image_batch_size", image_batch_size)
         return lambda: iter(images.split(image_batch_size))
+    if isinstance(images, ShardedRows):
+        raise TypeError(
+            f"images is a ShardedRows: activations cached at {images.key!r}, not images. Train on them with "
+            "vit_lens.sae.train_sae_on_activations(cfg, rows, image_batch_size=...), which gives the SAE train_sae "
+            "gives on the images those rows were cached from."
+        )
     if isinstance(images, (str, bytes)) or not isinstance(images, Iterable):
         raise TypeError(
             f"images must be an iterable of image batches (a DataLoader, a generator, a list) or a tensor "
@@ -353,3 +363,57 @@ class ActivationSource:
                 return
             if not (self.cycle and self.reiterable):
                 return
+
+
+# ---------------------------------------------------------------------------------------------- activations from a cache
+
+
+def cached_chunks(inputs: ShardedRows, width: int, images_per_chunk: int, *, targets: ShardedRows | None = None,
+                  target_width: int | None = None, cycle: bool = True, skip: int = 0) -> Iterator[Tensor]:
+    """Chunks ``[rows, width]`` of activations cached by :func:`vit_lens.runner.run_dataset`, as
+    :class:`ActivationSource` yields them from the images.
+
+    Chunk ``i`` holds the rows of images ``[i * images_per_chunk, (i + 1) * images_per_chunk)``, token
+    by token in image order (the last chunk of a pass may be shorter). With the SAE's token
+    selection as the ``Activations`` recorder's ``tokens``, the rows come in the order a streamed
+    :class:`ActivationSource` pass over the same images gives them, and the
+    :class:`ActivationBuffer`, which fills row by row, serves the same training batches.
+
+    Args:
+        inputs: The cached rows (``RunResult.activations(hook)``, ``rows='images'`` or ``'tokens'``).
+        width: Columns per row (the SAE's ``d_in``; a ``hook_z`` row ``[head, d_head]`` is flattened).
+        images_per_chunk: Images per chunk.
+        targets: A transcoder's cached targets, the same images; their rows go beside the inputs'.
+        target_width: Columns of a target row (the transcoder's ``d_out``).
+        cycle: Start again at the first image when the rows run out.
+        skip: Chunks to pass over first (a resumed run); they are not read.
+
+    Raises:
+        ValueError: rows that do not split into ``width`` columns, or targets of other images.
+    """
+    _positive_int("images_per_chunk", images_per_chunk)
+    sources = [(inputs, width, "inputs")] + ([(targets, target_width, "targets")] if targets is not None else [])
+    counts = []
+    for rows, columns, role in sources:
+        if not isinstance(rows, ShardedRows):
+            raise TypeError(f"{role} must be a vit_lens.runner.ShardedRows (RunResult.activations(hook)), got a "
+                            f"{type(rows).__name__}")
+        per_row = math.prod(rows.row_shape)
+        if per_row % columns:
+            raise ValueError(f"The cached {role} {rows.key!r} have rows of shape {rows.row_shape}, which do not split "
+                             f"into rows of {columns} columns (the SAE's {'d_in' if role == 'inputs' else 'd_out'}); "
+                             "cache the SAE's hook point, or build the SAE with the cached width.")
+        counts.append(len(rows) // rows.per_image)
+    if len(set(counts)) != 1:
+        raise ValueError(f"The cached inputs hold {counts[0]} images and the targets {counts[1]}; cache both hook "
+                         "points in one run (one Activations recorder with both hooks).")
+    n_images = counts[0]
+    n_chunks = -(-n_images // images_per_chunk)
+    index = skip
+    while index < n_chunks or (cycle and n_chunks):
+        first = (index % n_chunks) * images_per_chunk
+        stop = min(first + images_per_chunk, n_images)
+        parts = [rows.rows(torch.arange(first * rows.per_image, stop * rows.per_image)).reshape(-1, columns)
+                 for rows, columns, _ in sources]
+        yield parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        index += 1

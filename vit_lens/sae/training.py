@@ -68,7 +68,8 @@ import torch
 from torch import Tensor
 
 from vit_lens.model.hooked_vit import image_tower
-from vit_lens.sae.activations import ActivationBuffer, ActivationSource, TokenMask
+from vit_lens.runner.readback import ShardedRows
+from vit_lens.sae.activations import ActivationBuffer, ActivationSource, TokenMask, cached_chunks
 from vit_lens.sae.files import install_folder, load_sae, save_sae
 from vit_lens.sae.model import SAE, SAEConfig
 from vit_lens.utils.progress import progress as progress_bar
@@ -756,12 +757,13 @@ def _tensor_batches(rows: Tensor, batch_size: int, start_step: int) -> Iterator[
 
 def train_sae_on_activations(
     cfg_or_sae: Any,  # an SAEConfig, SAE, dict or None; checked with a directed message
-    activations: Tensor | Iterable[Tensor | tuple[Tensor, Tensor]],
+    activations: Tensor | ShardedRows | Iterable[Tensor | tuple[Tensor, Tensor]],
     *,
     steps: int,
-    targets: Tensor | None = None,
+    targets: Tensor | ShardedRows | None = None,
     batch_size_tokens: int = 4096,
     buffer_tokens: int | None = None,
+    image_batch_size: int = 64,
     device: str | torch.device | None = None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
@@ -777,9 +779,19 @@ def train_sae_on_activations(
         activations: A tensor ``[n, d_in]``, read in order in batches of ``batch_size_tokens``
             (wrapping around; shuffle it first if its rows come in image order), or an iterable of
             chunks ``[rows, d_in]`` (a transcoder: ``(inputs, targets)`` pairs) that go through the
-            shuffling :class:`ActivationBuffer`.
+            shuffling :class:`ActivationBuffer`, or activations cached by the dataset runner
+            (:class:`vit_lens.runner.ShardedRows`, ``RunResult.activations(hook)``, memory-mapped), read
+            in image order as chunks of ``image_batch_size`` images
+            (:func:`vit_lens.sae.activations.cached_chunks`) into the buffer, again from the first
+            image when they run out. The buffer fills row by row, so rows cached with the SAE's
+            ``token_selection`` as the recorder's ``tokens`` train the same SAE as :func:`train_sae`
+            on the images they came from, in the same order (and with the same batches of images,
+            when the forward pass's batch size changes its float rounding).
         steps: Optimiser steps.
-        targets: A transcoder's targets ``[n, d_out]`` beside a tensor of ``activations``.
+        targets: A transcoder's targets beside ``activations``: ``[n, d_out]`` beside a tensor, a
+            ``ShardedRows`` of the same images beside cached inputs.
+        image_batch_size: Images per chunk read from cached ``ShardedRows`` activations (how much is
+            read at once; a checkpoint counts chunks, so resume with the value the run started with).
         device: Where the SAE trains (default: the tensor's device, else the SAE's).
         batch_size_tokens, buffer_tokens, checkpoint_dir, checkpoint_every, keep_checkpoints,
             resume, progress, hyperparameters: As in :func:`train_sae`.
@@ -810,7 +822,15 @@ def train_sae_on_activations(
         trainer.load_state_dict(state)
     width = cfg.d_in + (cfg.d_out if cfg.is_transcoder else 0)
     buffer = None
-    if isinstance(activations, Tensor):
+    skip = state["buffer"]["chunks_consumed"] if resume is not None and not isinstance(activations, Tensor) else 0
+    if isinstance(activations, ShardedRows):
+        if cfg.is_transcoder != (targets is not None):
+            raise ValueError("A transcoder trains on cached inputs and targets: pass targets=RunResult.activations("
+                             "hook_name_out) beside them" if cfg.is_transcoder else
+                             "targets= is for transcoders (SAEConfig.hook_name_out set); an SAE rebuilds its input.")
+        chunks = cached_chunks(activations, cfg.d_in, image_batch_size, targets=targets,
+                               target_width=cfg.d_out if cfg.is_transcoder else None, skip=skip)
+    elif isinstance(activations, Tensor):
         if cfg.is_transcoder:
             if targets is None or len(targets) != len(activations):
                 raise ValueError(f"A transcoder trains on inputs and targets: pass targets=[n, {cfg.d_out}] beside the "
@@ -833,9 +853,9 @@ def train_sae_on_activations(
             raise TypeError(f"activations must be a tensor [n, {width}] or an iterable of chunks, got a "
                             f"{type(activations).__name__}")
         chunks = (torch.cat(chunk, dim=-1) if isinstance(chunk, (tuple, list)) else chunk for chunk in activations)
-        skip = state["buffer"]["chunks_consumed"] if resume is not None else 0
         for _ in range(skip):
             next(chunks)
+    if not isinstance(activations, Tensor):
         buffer = ActivationBuffer(chunks, buffer_tokens=settings.buffer_tokens,
                                   batch_size_tokens=settings.batch_size_tokens,
                                   generator=torch.Generator().manual_seed(settings.seed), device=device)
@@ -851,4 +871,5 @@ def train_sae_on_activations(
         batches = buffer
     _train_loop(trainer, batches, buffer=buffer, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                 keep_checkpoints=keep_checkpoints, show_progress=progress)
-    return _finish(sae, trainer, cfg.model_name), trainer.log
+    model_name = activations.result.settings["model"] if isinstance(activations, ShardedRows) else cfg.model_name
+    return _finish(sae, trainer, model_name), trainer.log
