@@ -23,6 +23,12 @@ no method can see the answer:
      positives, the share that are positive (under a tie at the cut, the expected share of breaking it
      at random); chance ``k / known``.
 
+Beside the truth, each method's circuits are scored as MIB (Mueller et al., "MIB: A Mechanistic
+Interpretability Benchmark", ICML 2025) scores them, with no truth at all: **CPR** (area under the
+faithfulness curve of the signed ranking; higher is better) and **CMD** (area under ``|1 - f|`` of the
+absolute ranking; lower is better), each circuit run as a real forward pass of the pruned model on the
+factor's pairs (:func:`vit_lens.circuits.evaluation.evaluate_methods`, top-n selection at MIB's sizes).
+
 Methods (:data:`EDGE_METHODS`): ``eap`` (edge attribution patching), ``eap_ig_inputs`` and
 ``eap_ig_activations`` (EAP-IG with 5 steps, interpolating the inputs or every receiver's input),
 ``exact`` (exact edge patching: one patched run per edge), ``node_attribution`` (attribution patching of
@@ -38,7 +44,7 @@ Example:
 import datetime
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +58,7 @@ from vit_lens.circuits.attribution import (
     node_attribution_patching,
     random_edge_scores,
 )
+from vit_lens.circuits.evaluation import evaluate_methods
 from vit_lens.circuits.graph import CircuitGraph
 from vit_lens.methods.scorecard import (
     SCORECARD_SEED,
@@ -139,6 +146,8 @@ class EdgeMethodScores:
         factors: The factors scored.
         n_pairs: Pairs per factor.
         seed: The task data's seed.
+        faithfulness: Method key -> factor -> ``{"cpr": ..., "cmd": ...}`` (empty when not measured).
+        faithfulness_seconds: Wall-clock time of the faithfulness runs, all methods and factors together.
     """
 
     scores: dict[str, dict[str, EdgeScores]]
@@ -146,6 +155,8 @@ class EdgeMethodScores:
     factors: tuple[str, ...]
     n_pairs: int
     seed: int
+    faithfulness: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    faithfulness_seconds: float = 0.0
 
 
 def pair_metric(readout: FactorReadout, factor: str, pairs: FactorPairs) -> Callable[[Tensor], Tensor]:
@@ -164,7 +175,7 @@ def check_methods(methods: Sequence[str] | None) -> list[str]:
 
 def score_edges(model: Any, n_pairs: int = DEFAULT_PAIRS, seed: int = SCORECARD_SEED,
                 methods: Sequence[str] | None = None, factors: Sequence[str] | None = None,
-                data: TaskData | None = None) -> EdgeMethodScores:
+                data: TaskData | None = None, faithfulness: bool = True) -> EdgeMethodScores:
     """Run the edge methods on every factor's pairs and return their scores (step 1 of the module docstring).
 
     Args:
@@ -175,6 +186,8 @@ def score_edges(model: Any, n_pairs: int = DEFAULT_PAIRS, seed: int = SCORECARD_
         methods: Method keys (:data:`EDGE_METHODS`); default: all.
         factors: Factors to score (default: all).
         data: Task data to use instead of drawing it (its pairs and factors are used).
+        faithfulness: Also measure each method's CPR and CMD on the factor's pairs (MIB's sizes; 20
+            circuits a method, run as real forward passes).
     """
     if isinstance(model, PlantedModel):
         model = model.model  # the truth stays behind
@@ -189,6 +202,8 @@ def score_edges(model: Any, n_pairs: int = DEFAULT_PAIRS, seed: int = SCORECARD_
     graph = CircuitGraph.from_model(model)
     scores: dict[str, dict[str, EdgeScores]] = {key: {} for key in keys}
     seconds = dict.fromkeys(keys, 0.0)
+    measured: dict[str, dict[str, dict[str, float]]] = {key: {} for key in keys} if faithfulness else {}
+    faithfulness_seconds = 0.0
     for index, factor in enumerate(data.factors):
         pairs = data.pairs[factor]
         metric = pair_metric(readout, factor, pairs)
@@ -197,8 +212,15 @@ def score_edges(model: Any, n_pairs: int = DEFAULT_PAIRS, seed: int = SCORECARD_
             result = EDGE_METHODS[key](model, graph, pairs, metric, data.seed + index)
             seconds[key] += time.perf_counter() - start
             scores[key][factor] = result
+        if faithfulness:
+            start = time.perf_counter()
+            evaluations = evaluate_methods(model, graph, {key: scores[key][factor] for key in keys}, pairs.clean,
+                                           pairs.corrupted, metric)
+            faithfulness_seconds += time.perf_counter() - start
+            for key, evaluation in evaluations.items():
+                measured[key][factor] = {"cpr": evaluation.cpr, "cmd": evaluation.cmd}
     n_pairs = len(next(iter(data.pairs.values())).clean)
-    return EdgeMethodScores(scores, seconds, data.factors, n_pairs, data.seed)
+    return EdgeMethodScores(scores, seconds, data.factors, n_pairs, data.seed, measured, faithfulness_seconds)
 
 
 # ============================================================================ step 2: against the truth
@@ -272,18 +294,25 @@ def evaluate_edges(edge_scores: EdgeMethodScores, planted: Any) -> list[dict[str
             if result.scores.shape[-1] != 1:
                 raise ValueError(f"{key} scored {factor} on {result.scores.shape[-1]} token groups; the edge truth has "
                                  "one (build the graph with token_groups=None)")
-            rows.append({"method": key, "factor": factor, **edge_metrics(result.scores[..., 0], truth)})
+            faithfulness = edge_scores.faithfulness.get(key, {}).get(factor, {"cpr": None, "cmd": None})
+            rows.append({"method": key, "factor": factor, **edge_metrics(result.scores[..., 0], truth),
+                         **faithfulness})
     return rows
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method: the means over the factors of every score of the rows."""
-    names = ("auroc", "ap", "precision_at_k", "chance_ap", "chance_precision")
+    """Per method: the means over the factors of every score of the rows (None where it was not measured)."""
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    names = ("auroc", "ap", "precision_at_k", "cpr", "cmd", "chance_ap", "chance_precision")
     summary = []
     for key in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == key]
         summary.append({"method": key, "n_factors": len(mine),
-                        **{f"mean_{name}": sum(row[name] for row in mine) / len(mine) for name in names}})
+                        **{f"mean_{name}": mean([row.get(name) for row in mine]) for name in names}})
     return summary
 
 
@@ -312,7 +341,7 @@ class CircuitScorecard:
                 "rows": [dict(r) for r in self.rows]}
 
     def markdown(self) -> str:
-        """The tables: the per-method summary and the AUROC per factor."""
+        """The tables: the per-method summary, the AUROC per factor and, where measured, CPR / CMD per factor."""
         s = self.settings
         factors = list(dict.fromkeys(row["factor"] for row in self.rows))
         by_key = {(row["method"], row["factor"]): row for row in self.rows}
@@ -322,13 +351,16 @@ class CircuitScorecard:
              f"token group; seed {s['seed']})"),
             "",
             ("AUROC, AP and precision at k (k = the factor's positive edges) of |score| over the known edges of "
-             "vit_lens.planted.truth.edge_truth (unknown edges left out), averaged over the factors."),
+             "vit_lens.planted.truth.edge_truth (unknown edges left out); CPR (higher is better) and CMD (lower is "
+             "better) from real runs of each method's circuits at MIB's sizes, no truth involved; all averaged over "
+             "the factors. Seconds: the method's time for all factors."),
             "",
-            _table(["method", "AUROC", "AP", "precision at k", "seconds"], [
+            _table(["method", "AUROC", "AP", "precision at k", "CPR", "CMD", "seconds"], [
                 [METHOD_NAMES[r["method"]], format_score(r["mean_auroc"]), format_score(r["mean_ap"]),
-                 format_score(r["mean_precision_at_k"]), f"{r['seconds']:.1f}"] for r in self.summary
+                 format_score(r["mean_precision_at_k"]), format_score(r["mean_cpr"]), format_score(r["mean_cmd"]),
+                 f"{r['seconds']:.1f}"] for r in self.summary
             ] + [["chance", "0.50", format_score(first["mean_chance_ap"]), format_score(first["mean_chance_precision"]),
-                  "-"]]),
+                  "-", "-", "-"]]),
             "",
             "AUROC per factor (positive / negative edges in brackets):",
             "",
@@ -337,25 +369,36 @@ class CircuitScorecard:
                    [[METHOD_NAMES[r["method"]]] + [format_score(by_key[(r["method"], f)]["auroc"]) for f in factors]
                     for r in self.summary]),
         ]
+        if first["mean_cpr"] is not None:
+            out += [
+                "",
+                "CPR / CMD per factor:",
+                "",
+                _table(["method"] + factors, [
+                    [METHOD_NAMES[r["method"]]] + [f"{format_score(by_key[(r['method'], f)]['cpr'])} / "
+                                                   f"{format_score(by_key[(r['method'], f)]['cmd'])}" for f in factors]
+                    for r in self.summary]),
+            ]
         return "\n".join(out)
 
 
 def circuit_scorecard(planted: Any, name: str | None = None, n_pairs: int = DEFAULT_PAIRS,
                       seed: int = SCORECARD_SEED, methods: Sequence[str] | None = None,
-                      factors: Sequence[str] | None = None) -> CircuitScorecard:
+                      factors: Sequence[str] | None = None, faithfulness: bool = True) -> CircuitScorecard:
     """Score every edge method on ``planted`` and compare with its edge truth (:func:`score_edges`, then
     :func:`evaluate_edges`).
 
     Args:
         planted: A :class:`PlantedModel` (the methods get only its ``.model``).
         name: Its name in the tables (default: ``"clip"`` for a CLIP, else ``"classifier"``).
-        n_pairs, seed, methods, factors: As :func:`score_edges`.
+        n_pairs, seed, methods, factors, faithfulness: As :func:`score_edges`.
     """
     if not isinstance(planted, PlantedModel):
         raise TypeError(f"circuit_scorecard needs a PlantedModel (its truth is the answer key), got "
                         f"{type(planted).__name__}")
     start = time.perf_counter()
-    scores = score_edges(planted, n_pairs=n_pairs, seed=seed, methods=methods, factors=factors)
+    scores = score_edges(planted, n_pairs=n_pairs, seed=seed, methods=methods, factors=factors,
+                         faithfulness=faithfulness)
     rows = evaluate_edges(scores, planted)
     summary = summarise(rows)
     for row in summary:
@@ -363,6 +406,7 @@ def circuit_scorecard(planted: Any, name: str | None = None, n_pairs: int = DEFA
     graph = CircuitGraph.from_model(planted.model)
     settings = {
         "n_pairs": scores.n_pairs, "seed": seed, "factors": list(scores.factors), "n_edges": graph.n_edges,
+        "faithfulness_seconds": round(scores.faithfulness_seconds, 1),
         "date": datetime.date.today().isoformat(), "seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
