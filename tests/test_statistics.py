@@ -139,3 +139,36 @@ def test_a_name_listed_twice_is_counted_once_and_integer_images_are_refused(tiny
     with pytest.raises(TypeError, match="takes float images"):
         compute_hook_statistics(tiny_model, [torch.zeros(1, 3, 32, 32, dtype=torch.uint8)], ["hook_pooled"],
                                 progress=False)
+
+
+@pytest.mark.parametrize("per_position", [True, False])
+def test_statistics_through_the_dataset_runner_equal_the_in_memory_pass_and_resume(tiny_model, batches, tmp_path,
+                                                                                   per_position):
+    # batches of the first one's size (the runner cuts larger ones to it), with a large offset: the shifted sums keep
+    # the variance's digits
+    offset = [300.0 + torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n)) for n in (4, 4, 2)]
+    in_memory = compute_hook_statistics(tiny_model, offset, NAMES, variance=True, per_position=per_position,
+                                        progress=False)
+    run = compute_hook_statistics(tiny_model, offset, NAMES, variance=True, per_position=per_position, progress=False,
+                                  out_dir=tmp_path / "run")
+    assert run.names == in_memory.names and (tmp_path / "run" / "manifest.json").is_file()
+    for name in NAMES:
+        assert run.count(name) == in_memory.count(name)
+        assert run.mean(name).shape == in_memory.mean(name).shape and run.mean(name).dtype == torch.float64
+        torch.testing.assert_close(run.mean(name), in_memory.mean(name), rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(run.var(name), in_memory.var(name), rtol=1e-9, atol=1e-12, msg=name)
+    shard = tmp_path / "run" / "shard_000000.safetensors"
+    written = shard.stat().st_ino
+    again = compute_hook_statistics(tiny_model, offset, NAMES, variance=True, per_position=per_position,
+                                    progress=False, out_dir=tmp_path / "run")
+    assert shard.stat().st_ino == written  # resumed: the finished shard was kept
+    torch.testing.assert_close(again.var(NAMES[0]), run.var(NAMES[0]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="other settings"):
+        compute_hook_statistics(tiny_model, offset, NAMES[:1], progress=False, out_dir=tmp_path / "run")
+    first_two = compute_hook_statistics(tiny_model, batches, lambda n: n.endswith("hook_resid_post"), max_batches=2,
+                                        progress=False, out_dir=tmp_path / "filtered")
+    expected = compute_hook_statistics(tiny_model, batches[:2], lambda n: n.endswith("hook_resid_post"),
+                                       progress=False)
+    assert first_two.names == expected.names and first_two.count(expected.names[-1]) == 4
+    torch.testing.assert_close(first_two.mean(expected.names[-1]), expected.mean(expected.names[-1]), rtol=1e-12,
+                               atol=1e-12)

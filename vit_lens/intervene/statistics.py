@@ -5,11 +5,18 @@ batch into running float64 means (and sums of squared deviations) with Chan et a
 update, so neither the dataset nor its activations are ever held in memory and large offsets do
 not cancel digits the way a sum of squares would. The result, a :class:`HookStatistics`, is what
 :func:`vit_lens.intervene.interventions.mean_ablate` and the layer-averaging hooks take.
+
+With ``out_dir`` the pass is a :func:`vit_lens.runner.run_dataset` run instead (resumable, and
+split over processes under ``torchrun``): a :class:`ShiftedMoments` recorder sums values minus a
+fixed shift (the first batch's mean), which adds up over shards and ranks and keeps the digits a
+plain sum of squares would cancel.
 """
 
+import hashlib
 import itertools
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,7 @@ from torch import Tensor
 
 from vit_lens.model.hook_layout import hook_axes
 from vit_lens.model.hooked_vit import image_tower
+from vit_lens.runner.run import run_dataset
 from vit_lens.utils.progress import progress as progress_bar
 
 _FORMAT = "vit_lens.HookStatistics/1"
@@ -182,6 +190,7 @@ def compute_hook_statistics(
     per_position: bool = True,
     max_batches: int | None = None,
     progress: bool = True,
+    out_dir: str | os.PathLike | None = None,
 ) -> HookStatistics:
     """Stream a dataset through the model once and accumulate statistics of the named hooks.
 
@@ -199,6 +208,10 @@ def compute_hook_statistics(
         per_position: Keep statistics per token (default), or pool over tokens.
         max_batches: Stop after this many batches.
         progress: Show a tqdm progress bar.
+        out_dir: Run the pass with :func:`vit_lens.runner.run_dataset` into this folder: resumable
+            after an interruption, distributed under ``torchrun``, and only float64 partial sums
+            written (no activations). The model runs on batches of the first batch's size (larger ones
+            are split); with such batches the statistics equal the in-memory pass's to float64 rounding.
 
     Returns:
         A :class:`HookStatistics` with the hooks that were run.
@@ -216,6 +229,8 @@ def compute_hook_statistics(
         raise ValueError("compute_hook_statistics needs at least one hook name")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if out_dir is not None:
+        return _statistics_by_runner(tower, data, names, variance, per_position, max_batches, progress, out_dir)
     stats = HookStatistics(per_position=per_position, variance=variance)
 
     def accumulate(activation, hook):
@@ -241,6 +256,84 @@ def compute_hook_statistics(
             bar.update()
     if not n_batches:
         raise ValueError("compute_hook_statistics got no batches from data")
+    return stats
+
+
+class ShiftedMoments:
+    """A runner recorder of :class:`HookStatistics`: count, sum and sum of squares of ``value - shift``.
+
+    The sums add up over batches, shards and ranks, as the runner needs; subtracting a fixed
+    ``shift`` near the mean (the first batch's) first keeps the variance's digits, which a plain
+    sum of squares loses to a large offset.
+
+    Args:
+        shifts: Hook name -> the shift, the shape of :meth:`HookStatistics.mean` (float64).
+        per_position: As :class:`HookStatistics`.
+        variance: Also sum squares.
+        name: The recorder's name in the run folder.
+    """
+
+    tokens = "all"
+
+    def __init__(self, shifts: dict[str, Tensor], *, per_position: bool, variance: bool, name: str = "statistics"):
+        self.shifts = shifts
+        self.hooks = tuple(shifts)
+        self.per_position, self.variance, self.name = per_position, variance, name
+
+    def settings(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for hook, shift in self.shifts.items():
+            digest.update(hook.encode() + shift.double().cpu().contiguous().numpy().tobytes())
+        return {"kind": "hook_statistics", "hooks": list(self.hooks), "per_position": self.per_position,
+                "variance": self.variance, "shift_sha256": "sha256:" + digest.hexdigest()}
+
+    def rows(self, activations: dict[str, Tensor], images: Tensor) -> dict[str, Tensor]:
+        return {}
+
+    def partials(self, activations: dict[str, Tensor], images: Tensor) -> dict[str, Tensor]:
+        sums = {}
+        for hook in self.hooks:
+            values = activations[hook].to(torch.float64)
+            position = hook_axes(hook, values.ndim).position
+            dims = (0,) if self.per_position or position is None else (0, position)
+            shifted = values - self.shifts[hook].to(values.device)
+            sums[f"{hook}/count"] = torch.tensor([float(math.prod(values.shape[d] for d in dims))],
+                                                 dtype=torch.float64, device=values.device)
+            sums[f"{hook}/sum"] = shifted.sum(dim=dims, keepdim=True).squeeze(0)
+            if self.variance:
+                sums[f"{hook}/squares"] = shifted.square().sum(dim=dims, keepdim=True).squeeze(0)
+        return sums
+
+    def finalize(self, totals: dict[str, Tensor]) -> dict[str, Tensor]:
+        results = {}
+        for hook in self.hooks:
+            count, total = totals[f"{hook}/count"], totals[f"{hook}/sum"]
+            results[f"{hook}/count"] = count
+            results[f"{hook}/mean"] = self.shifts[hook].to(total) + total / count
+            if self.variance:
+                results[f"{hook}/m2"] = totals[f"{hook}/squares"] - total.square() / count
+        return results
+
+
+def _statistics_by_runner(tower: Any, data: Iterable, names: Any, variance: bool, per_position: bool,
+                          max_batches: int | None, progress: bool, out_dir: str | os.PathLike) -> HookStatistics:
+    """:func:`compute_hook_statistics` as a runner run: the first batch's means are the shifts."""
+    stream = iter(data if max_batches is None else itertools.islice(data, max_batches))
+    first = next(stream, None)
+    if first is None:
+        raise ValueError("compute_hook_statistics got no batches from data")
+    shifts = compute_hook_statistics(tower, [first], names, per_position=per_position, progress=False)
+    recorder = ShiftedMoments({name: shifts.mean(name) for name in shifts.names}, per_position=per_position,
+                              variance=variance)
+    batch = _images_of(first)
+    result = run_dataset(tower, itertools.chain([batch], (_images_of(item) for item in stream)), out_dir, recorder,
+                         batch_size=len(batch), progress=progress)
+    stats = HookStatistics(per_position=per_position, variance=variance)
+    for name in recorder.hooks:
+        stats._counts[name] = int(result.reductions[f"{recorder.name}/{name}/count"].item())
+        stats._means[name] = result.reductions[f"{recorder.name}/{name}/mean"]
+        if variance:
+            stats._m2[name] = result.reductions[f"{recorder.name}/{name}/m2"]
     return stats
 
 
