@@ -102,8 +102,20 @@ def _progress(message: str, log: Callable[[str], None] | None) -> None:
 
 
 @torch.no_grad()
-def head_outputs_over(model, images: Tensor, batch_size: int = 250) -> Tensor:
-    """``[n_images, n_layers, n_heads, d_repr]``: every head's direct contribution, in batches."""
+def head_outputs_over(model, images: Tensor, batch_size: int = 250, out_dir: str | Path | None = None) -> Tensor:
+    """``[n_images, n_layers, n_heads, d_repr]``: every head's direct contribution, in batches.
+
+    With ``out_dir`` the terms are computed by the dataset runner into a contribution store there
+    (:func:`vit_lens.intervene.store.compute_contributions_to_disk`: resumable, kept for later
+    runs) and read back; the values equal the in-memory pass's.
+    """
+    if out_dir is not None:
+        from vit_lens.intervene.store import compute_contributions_to_disk
+
+        store = compute_contributions_to_disk(model, images.split(batch_size), out_dir, level="head", progress=False)
+        cfg = model.cfg
+        heads = [store.labels.index(f"L{layer}H{head}") for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
+        return store[:][:, heads].unflatten(1, (cfg.n_layers, cfg.n_heads))
     chunks = []
     names = required_hooks(model, "head")
     for start in range(0, len(images), batch_size):
