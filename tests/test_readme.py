@@ -89,6 +89,17 @@ def test_planted_models_block_runs():
     assert sorted(namespace["predicted"]) == ["colour", "count", "position", "shape", "size", "texture"]
 
 
+def test_circuits_block_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes the circuit's JSON
+    namespace: dict = {}
+    exec(compile(first_python_block("## Circuits"), "README.md circuits", "exec"), namespace)
+    direct, into_hop_2 = namespace["direct"].values, namespace["into_hop_2"].values
+    assert abs(direct[0, 1]) < 0.1 and direct[2, 1] > 0.6 and into_hop_2[0, 1] > 0.6
+    assert namespace["graph"].n_edges == 479
+    assert namespace["curve"].cpr > 0.7
+    assert "edges" in (tmp_path / "position_circuit.json").read_text()
+
+
 def test_sparse_autoencoder_block_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the example writes the dashboard
     namespace: dict = {}
