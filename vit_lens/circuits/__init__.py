@@ -12,6 +12,8 @@
   :func:`patch_paths` (one run with named edges patched).
 - :mod:`~vit_lens.circuits.evaluation`: MIB's circuit evaluation: :func:`faithfulness_curve` (top-n or
   greedy circuits run with every other edge patched), CPR and CMD, and :func:`evaluate_methods`.
+- :mod:`~vit_lens.circuits.discovery`: :func:`acdc` and :func:`acdc_sweep` (Conmy et al.'s greedy edge
+  removal, swept over thresholds into EdgeScores) and :func:`learned_edge_mask` (edge pruning).
 - :mod:`~vit_lens.circuits.views`: :func:`circuit_figure` (the circuit's graph, edges weighted by score) and
   :func:`edge_map` (where on the image one edge carries its effect, as :class:`EdgeMap`).
 - :mod:`~vit_lens.circuits.export`: :func:`to_json` / :func:`from_json` in the EAP-IG / MIB graph layout.
@@ -38,11 +40,14 @@ __getattr__, __dir__, __all__ = lazy_package(
         "faithfulness_curve": ".evaluation",
         "evaluate_methods": ".evaluation",
         "FaithfulnessCurve": ".evaluation",
+        "acdc": ".discovery",
+        "acdc_sweep": ".discovery",
+        "learned_edge_mask": ".discovery",
         "circuit_figure": ".views",
         "edge_map": ".views",
         "EdgeMap": ".views",
         "to_json": ".export",
         "from_json": ".export",
     },
-    ("graph", "edges", "attribution", "paths", "evaluation", "views", "export"),
+    ("graph", "edges", "attribution", "paths", "evaluation", "discovery", "views", "export"),
 )
