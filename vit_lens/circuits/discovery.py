@@ -20,7 +20,7 @@ and both end in :class:`~vit_lens.circuits.attribution.EdgeScores`, so they ente
 - :func:`learned_edge_mask` (after Bhaskar et al., "Finding Transformer Circuits with Edge Pruning",
   NeurIPS 2024): a continuous mask ``sigmoid(logit)`` per edge, patched with weight ``1 - mask``, trained
   with Adam to keep each image's metric at its clean value while an L1 penalty on the masks pushes them
-  to 0. The scores are the final logits.
+  to 0. The scores are the final masks.
 """
 
 import math
@@ -253,6 +253,6 @@ def learned_edge_mask(
             optimizer.zero_grad()
             loss.backward()
         optimizer.step()
-    scores = torch.where(real, logits.detach(), torch.zeros(()))
+    scores = torch.where(real, torch.sigmoid(logits.detach()), torch.zeros(()))
     return EdgeScores(graph, scores, "edge mask", baseline_clean=clean_mean, baseline_corrupted=corrupted_mean,
                       seconds=time.perf_counter() - start)
