@@ -6,7 +6,8 @@ The package is built in floors, each importing only from the ones below it::
     loading/                                  source libraries (open_clip, timm, transformers) and datasets
     model/                                    HookedViT, HookedCLIP, components, activation cache
     intervene/  toy/  planted/  sae/          decomposition, interventions, patching, statistics, stores; the toy world;
-                                              the planted-mechanism models; sparse autoencoders
+    runner/  circuits/                        the planted-mechanism models; sparse autoencoders; the dataset runner;
+                                              circuits (edge patching, EAP, path patching)
     methods/                                  the papers' methods, one subpackage a family
     viz/  cli                                 the HTML report and the ``vit-lens`` command
 
@@ -67,7 +68,7 @@ SHORT_NAMES = {
     "report": "vit_lens.viz.report",
     "widgets": "vit_lens.viz.widgets",
 }
-_PACKAGES = ("model", "loading", "intervene", "methods", "toy", "planted", "sae", "viz", "utils")
+_PACKAGES = ("model", "loading", "intervene", "methods", "toy", "planted", "sae", "runner", "circuits", "viz", "utils")
 __all__ = list(_EXPORTS) + list(SHORT_NAMES) + list(_PACKAGES)
 
 if TYPE_CHECKING:
