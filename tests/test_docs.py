@@ -44,3 +44,16 @@ def test_from_transformer_lens_examples_run_and_their_numbers_hold():
     assert namespace["attribution_error"] < 1e-4 * namespace["head_attr"].abs().max()
     assert namespace["grid"].shape == (4, 8, 8)  # the patching result on the image grid
     assert all(param.grad is None for param in model.parameters())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_circuits_page_example_runs_and_its_claims_hold(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes its JSON
+    blocks = python_blocks("circuits.md")
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "docs/circuits.md", "exec"), namespace)
+    # the colour head reads the colour at the object patches through its values; the background is the same
+    # pixels in both images of a pair, so the edge carries nothing there
+    assert namespace["reads_objects"] > 5.0 and namespace["reads_background"] == 0.0
+    assert namespace["colour_head_direct"] > 0.8
