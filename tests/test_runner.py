@@ -275,3 +275,22 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(two.mean(hook, "mean"), one.mean(hook, "mean"), rtol=0, atol=1e-12)
         torch.testing.assert_close(two.covariance(hook), one.covariance(hook), rtol=0, atol=1e-10)
         assert two.count(hook, "mean") == 200
+
+
+def test_a_grown_stream_recomputes_the_short_last_shard(clip, images, tmp_path):
+    """A stream's short last shard was its end last time; a longer stream goes on past it (no gap)."""
+    record = [Activations(RESID[2], "cls"), Mean(RESID[2], "cls")]
+    stream = [images[i:i + 2] for i in range(0, 14, 2)]
+    run_dataset(clip, iter(stream[:3]), tmp_path, record, shard_size=4, batch_size=2, progress=False)
+    short = tmp_path / "shard_000001.safetensors"
+    ended_at = short.stat().st_mtime_ns
+    same = run_dataset(clip, iter(stream[:3]), tmp_path, record, batch_size=2, progress=False)  # nothing to redo
+    assert short.stat().st_mtime_ns == ended_at and same.n_images == 6
+    grown = run_dataset(clip, iter(stream), tmp_path, record, batch_size=2, progress=False)
+    assert grown.n_images == 14 and [r["n_images"] for r in grown.shards] == [4, 4, 4, 2]
+    reference = run_dataset(clip, images[:14], tmp_path / "whole", record, shard_size=4, batch_size=2, progress=False)
+    assert torch.equal(grown.activations(RESID[2]).rows(range(14)), reference.activations(RESID[2]).rows(range(14)))
+    torch.testing.assert_close(grown.mean(RESID[2]), reference.mean(RESID[2]), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"stream of 6 images, which is shorter than the run .* shards \[1, 2, 3\]"):
+        run_dataset(clip, iter(stream[:3]), tmp_path, record, batch_size=2, progress=False)
+    assert RunResult(tmp_path).n_images == 14  # the refused shorter pass left the finished run as it was

@@ -17,7 +17,6 @@ compute them again.
 
 import hashlib
 import itertools
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -187,8 +186,6 @@ def compute_contributions_to_disk(
                             f"tuples, got a {type(images).__name__} "
                             f"{tuple(images.shape) if isinstance(images, Tensor) else ''}".rstrip())
         data, batch_size = itertools.chain([first], stream), len(images)
-        if not overwrite:
-            _recompute_short_last_shard(directory)
     run_dataset(model, data, directory, recorder, shard_size=shard_batches * batch_size, batch_size=batch_size,
                 overwrite=overwrite, progress=progress)
     return ContributionStore(directory)
@@ -330,27 +327,6 @@ def _refuse_or_delete_old_store(directory: Path, overwrite: bool) -> None:
     for path in [*directory.glob("shard_*.npy"), *directory.glob("shard_*.npy.tmp"),
                  directory / _OLD_MANIFEST, directory / (_OLD_MANIFEST + ".tmp")]:
         path.unlink(missing_ok=True)
-
-
-def _recompute_short_last_shard(directory: Path) -> None:
-    """Have the runner compute a streamed run's short last shard again.
-
-    A stream's length is known only at its end, so a shard with fewer images than the shard size
-    was the end of the stream *last time*; the stream may have grown since. The runner counts
-    such a shard as finished, which would leave a gap in a longer dataset, so its record is
-    removed here (the runner then writes the shard again; the cost is at most one shard).
-    """
-    try:
-        shard_size = json.loads((directory / storage.MANIFEST).read_text())["shard_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no run yet, or a damaged manifest the runner reports
-    for path in directory.glob("shard_*.json"):
-        try:
-            short = json.loads(path.read_text())["n_images"] < shard_size
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # the runner checks every record itself
-        if short:
-            path.unlink(missing_ok=True)
 
 
 def _tensor_digest(tensor: Tensor) -> str:

@@ -102,8 +102,18 @@ class ShardedData:
         if self.n_images == 0:
             raise ValueError("run_dataset got an empty dataset (0 images)")
 
-    def shards(self, shard_size: int, wanted: Callable[[int], bool]) -> Iterator[tuple[int, int, Iterator[Tensor]]]:
-        """``(k, first_image, batches)`` for every shard ``k`` that ``wanted(k)``; consume ``batches`` before the next."""
+    def shards(self, shard_size: int, wanted: Callable[[int], bool], ended_short: dict[int, int] | None = None,
+               ) -> Iterator[tuple[int, int, Iterator[Tensor]]]:
+        """``(k, first_image, batches)`` for every shard ``k`` that ``wanted(k)``; consume ``batches`` before the next.
+
+        Args:
+            shard_size: Images per shard.
+            wanted: Whether to compute shard ``k``.
+            ended_short: For a stream: shards an earlier run finished with fewer than ``shard_size``
+                images (``k -> images``), so the stream ended there *last time*. Such a shard is kept
+                only if the stream ends there again; if it goes on, the shard is yielded (computed
+                again) with the images that follow. Only its images are held while this is decided.
+        """
         if self.indexable:
             n_shards = -(-self.n_images // shard_size)
             for k in range(n_shards):
@@ -111,7 +121,7 @@ class ShardedData:
                     first = k * shard_size
                     yield k, first, self._indexed(first, min(first + shard_size, self.n_images))
             return
-        yield from self._streamed(shard_size, wanted)
+        yield from self._streamed(shard_size, wanted, ended_short or {})
 
     def _indexed(self, start: int, stop: int) -> Iterator[Tensor]:
         if isinstance(self.data, Tensor):
@@ -125,50 +135,84 @@ class ShardedData:
         for batch in loader:
             yield images_of(batch)
 
-    def _streamed(self, shard_size: int, wanted: Callable[[int], bool]) -> Iterator[tuple[int, int, Iterator[Tensor]]]:
+    def _streamed(self, shard_size: int, wanted: Callable[[int], bool], ended_short: dict[int, int],
+                  ) -> Iterator[tuple[int, int, Iterator[Tensor]]]:
         """Cut a stream of batches at shard boundaries; unwanted shards are read and dropped."""
         stream = iter(self.data)
-        carry: list[Tensor] = []  # images read past the end of the previous shard
-        k, seen = 0, 0
-        finished = False
+        pending: list[Tensor] = []  # images read but not yet given to a shard (a batch cut at a boundary)
 
-        def shard_batches(keep: bool) -> Iterator[Tensor]:
-            nonlocal carry, seen, finished
+        def next_images() -> Tensor | None:
+            if pending:
+                return pending.pop(0)
+            batch = next(stream, None)
+            if batch is None:
+                return None
+            images = images_of(batch)
+            if images.ndim != 4:
+                raise ValueError(f"Each batch must be images [batch, C, H, W], got shape {tuple(images.shape)}")
+            return images
+
+        def read(limit: int) -> Iterator[Tensor]:
+            """Up to ``limit`` images, in the stream's pieces, cut at ``limit``."""
             held = 0
-            while held < shard_size:
-                if carry:
-                    images = carry.pop(0)
-                else:
-                    batch = next(stream, None)
-                    if batch is None:
-                        finished = True
-                        return
-                    images = images_of(batch)
-                if images.ndim != 4:
-                    raise ValueError(f"Each batch must be images [batch, C, H, W], got shape {tuple(images.shape)}")
-                take = min(shard_size - held, len(images))
-                if take < len(images):
-                    carry.insert(0, images[take:])
-                    images = images[:take]
-                held += take
-                seen += take
-                if keep and take:
-                    for first in range(0, take, self.batch_size):
-                        yield images[first:first + self.batch_size]
+            while held < limit:
+                images = next_images()
+                if images is None:
+                    return
+                if len(images) > limit - held:
+                    pending.insert(0, images[limit - held:])
+                    images = images[:limit - held]
+                held += len(images)
+                yield images
 
-        while not finished:
-            if not carry:  # look ahead, so that no shard is opened for an ended stream
-                batch = next(stream, None)
-                if batch is None:
-                    break
-                carry.append(images_of(batch))
-            start = seen
-            batches = shard_batches(wanted(k))
-            if wanted(k):
-                yield k, start, batches
-            for _ in batches:  # drain what the consumer left (and skipped shards)
-                pass
+        def rebatched(pieces: Iterator[Tensor]) -> Iterator[Tensor]:
+            for images in pieces:
+                for first in range(0, len(images), self.batch_size):
+                    yield images[first:first + self.batch_size]
+
+        k, seen = 0, 0
+        while True:
+            ahead = next_images()  # look ahead, so that no shard is opened for an ended stream
+            if ahead is None:
+                break
+            pending.insert(0, ahead)
+            if k in ended_short and not wanted(k):
+                held = list(read(ended_short[k]))
+                count = sum(len(images) for images in held)
+                ahead = next_images()
+                if ahead is None and count == ended_short[k]:  # the stream ends here again: the shard is done
+                    seen += count
+                    k += 1
+                    continue
+                pending[:0] = held + ([] if ahead is None else [ahead])
+                keep = True
+            else:
+                keep = wanted(k)
+            pieces = read(shard_size)
+            if keep:
+                counted = _Counted(pieces)
+                yield k, seen, rebatched(counted)
+                for _ in counted:  # drain what the consumer left
+                    pass
+                seen += counted.count
+            else:
+                seen += sum(len(images) for images in pieces)
             k += 1
         self.n_images = seen
         if seen == 0:
             raise ValueError("run_dataset got no images from data (an empty iterable)")
+
+
+class _Counted:
+    """An iterator of image tensors that counts the images it has given out."""
+
+    def __init__(self, pieces: Iterator[Tensor]):
+        self.pieces, self.count = pieces, 0
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    def __next__(self) -> Tensor:
+        images = next(self.pieces)
+        self.count += len(images)
+        return images

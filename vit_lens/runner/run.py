@@ -214,7 +214,10 @@ def _run(tower: Any, data: Any, out: Path, recorders: list[Any], ranks: Ranks, d
         raise setup
     shard_size, run_key = setup["shard_size"], setup["run_key"]
     mine = {k for k in _shards_present(out) if k % ranks.world_size == ranks.rank}
-    done = {k for k in mine if _finished(out, k, run_key, verify_checksums)}
+    records = {k: _finished(out, k, run_key, verify_checksums) for k in mine}
+    done = {k for k, record in records.items() if record is not None}
+    # A stream's short shard was where it ended last time; it is kept only if the stream ends there again.
+    ended_short = {k: records[k]["n_images"] for k in done if records[k]["n_images"] < shard_size}
     n_images = loader.n_images
     total = None
     initial = 0
@@ -225,7 +228,8 @@ def _run(tower: Any, data: Any, out: Path, recorders: list[Any], ranks: Ranks, d
     bar = progress_bar(total=total, initial=initial, desc="run_dataset", unit="img", enabled=progress)
     non_blocking = device.type == "cuda"
     with bar:
-        for k, first, batches in loader.shards(shard_size, lambda k: k % ranks.world_size == ranks.rank and k not in done):
+        for k, first, batches in loader.shards(shard_size, lambda k: k % ranks.world_size == ranks.rank and k not in done,
+                                               ended_short):
             rows: dict[str, list[Tensor]] = {}
             sums: dict[str, Tensor] = {}
             count = 0
@@ -249,9 +253,7 @@ def _run(tower: Any, data: Any, out: Path, recorders: list[Any], ranks: Ranks, d
     ranks.barrier()
     totals = _reduce(out, recorders, partial_shapes, n_images, shard_size, ranks, device)
     if ranks.rank == 0:
-        missing = [k for k in range(-(-n_images // shard_size)) if not (out / storage.record_name(k)).is_file()]
-        if missing:
-            raise RuntimeError(f"Shards {missing} of {out} were not written by any rank; run again to compute them")
+        _check_shards_cover(out, run_key, n_images, shard_size)
         results = {f"{recorder.name}/{key}": value for recorder in recorders
                    for key, value in recorder.finalize({key.split("/", 1)[1]: total for key, total in totals.items()
                                                         if key.split("/", 1)[0] == recorder.name}).items()}
@@ -349,19 +351,46 @@ def _shards_present(out: Path) -> list[int]:
     return sorted(int(path.name[6:12]) for path in out.glob("shard_*.json"))
 
 
-def _finished(out: Path, k: int, run_key: str, checksum: bool) -> bool:
-    """Whether shard ``k`` is done: its record belongs to this run and its file matches the record."""
+def _finished(out: Path, k: int, run_key: str, checksum: bool) -> dict | None:
+    """Shard ``k``'s record if it is done (the record belongs to this run and its file matches it), else None."""
     try:
         record = json.loads((out / storage.record_name(k)).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        return None
     if record.get("run_key") != run_key:
-        return False
+        return None
     problem = storage.check_file(out / record["file"], record, checksum)
     if problem:
         warnings.warn(f"{problem}; computing shard {k} again", stacklevel=3)
-        return False
-    return True
+        return None
+    return record
+
+
+def _check_shards_cover(out: Path, run_key: str, n_images: int, shard_size: int) -> None:
+    """Rank 0, at the end: this run's records are shards ``0..n-1`` holding exactly images ``[k * S, (k + 1) * S)``.
+
+    Shards kept from an earlier pass over a stream that was longer than this one would not.
+    """
+    n_shards = -(-n_images // shard_size)
+    records = {}
+    for k in _shards_present(out):
+        try:
+            record = json.loads((out / storage.record_name(k)).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if record.get("run_key") == run_key:
+            records[k] = record
+    missing = [k for k in range(n_shards) if k not in records]
+    if missing:
+        raise RuntimeError(f"Shards {missing} of {out} were not written by any rank; run again to compute them")
+    wrong = [k for k, record in sorted(records.items())
+             if k >= n_shards or (record["first_image"], record["n_images"])
+             != (k * shard_size, min(shard_size, n_images - k * shard_size))]
+    if wrong:
+        held = {k: (records[k]["first_image"], records[k]["first_image"] + records[k]["n_images"]) for k in wrong}
+        raise ValueError(f"The data gave a stream of {n_images} images, which is shorter than the run in {out}: its "
+                         f"shards {wrong} hold images {list(held.values())} from an earlier, longer pass. Resume with "
+                         "the same stream (or one that goes on further), or pass overwrite=True to start again")
 
 
 def _write_shard(out: Path, k: int, first: int, count: int, rows: dict[str, list[Tensor]],
