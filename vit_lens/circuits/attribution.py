@@ -197,9 +197,14 @@ class _GradientScorer:
 
     def _score(self, grad: Tensor, receivers: list[int], upstream: int, per_head: bool) -> None:
         grad = grad if per_head else grad[:, :, None]  # [batch, pos, receivers, d_model]
+        # One matrix product over (batch, pos, d_model) with the differences read in place: an einsum
+        # here copied all upstream differences into another layout on every call.
+        grad = grad.permute(2, 0, 1, 3)  # [receivers, batch, pos, d_model]: rows of d_model stay contiguous
+        differences = self.differences[:upstream].to(grad).flatten(1)  # [sender, batch * pos * d_model]
+        one_group = self.groups.shape[-1] == 1 and bool((self.groups == 1).all())
         for group in range(self.groups.shape[-1]):
-            masked = grad * self.groups[:, :, group, None, None].to(grad)
-            contribution = torch.einsum("sbpd,bprd->sr", self.differences[:upstream].to(grad), masked)
+            masked = grad if one_group else grad * self.groups[None, :, :, group, None].to(grad)
+            contribution = differences @ masked.reshape(len(receivers), -1).T
             self.scores[:upstream, receivers, group] += self.weight * contribution.to(self.scores)
 
 
