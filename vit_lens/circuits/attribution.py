@@ -35,12 +35,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from vit_lens.circuits.edges import (
-    EdgePatcher,
     _check_graph,
     edge_hooks_enabled,
     metric_mean,
     run_patched,
-    sender_outputs,
     source_outputs,
 )
 from vit_lens.circuits.graph import QKV, CircuitGraph
@@ -139,48 +137,85 @@ def _batches(n: int, batch_size: int | None) -> list[slice]:
 
 
 class _GradientScorer:
-    """Hooks of one clean-run backward pass that turn receiver-input gradients into edge scores.
+    """Hooks of one backward pass that turn receiver-input gradients into edge scores.
 
     ``differences`` are the fixed ``clean - source`` sender outputs ``[sender, batch, pos, d_model]``; each
-    receiver's gradient is multiplied with them, per token group, as it arrives, so no gradient is stored.
+    receiver's gradient is multiplied with them, per token group, as it arrives, so no gradient is stored. On
+    the clean run they are not known before the forward pass: the hooks then record the senders' outputs and
+    the receivers' clean inputs on the way (:meth:`finish_clean_forward` turns them into ``differences``), so
+    the clean run is both the first gradient step and the source of the differences.
     """
 
-    def __init__(self, graph: CircuitGraph, differences: Tensor, groups: Tensor, scores: Tensor, weight: float,
-                 interpolation: tuple[float, Tensor, Tensor] | None = None):
+    def __init__(self, graph: CircuitGraph, groups: Tensor, scores: Tensor, weight: float):
         self.graph = graph
-        self.differences = differences
         self.groups = groups
+        self.one_group = groups.shape[-1] == 1 and bool((groups == 1).all())
         self.scores = scores
         self.weight = weight
-        self.interpolation = interpolation  # (alpha, clean resid inputs by hook name) for "activations"
+        self.differences: Tensor | None = None
+        self.recorded: list[Tensor] = []
+        self.clean_inputs: dict[int, Tensor] = {}
+        self.upstream_sums: dict[int, Tensor] = {}
+        self.alpha = 1.0
+        self.interpolate: str | None = None
 
-    def hooks(self, root_shift: Tensor | None) -> list[tuple[str, Callable]]:
+    def hooks(self) -> list[tuple[str, Callable]]:
         g = self.graph
-        hooks = [("blocks.0.hook_resid_pre", self._root(root_shift))]
+        hooks = [("blocks.0.hook_resid_pre", self._root)]
         for layer in range(g.n_layers):
             heads, mlp = g.layer_receivers(layer)
             for kind, qkv in enumerate(QKV):
                 receivers = list(range(heads.start + kind * g.n_heads, heads.start + (kind + 1) * g.n_heads))
                 hooks.append((f"blocks.{layer}.hook_{qkv}_input", self._receiver(receivers, True)))
+            hooks.append((f"blocks.{layer}.attn.hook_result", self._record_heads))
             hooks.append((f"blocks.{layer}.hook_mlp_in", self._receiver([mlp], False)))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", self._record_one))
         hooks.append((f"blocks.{g.n_layers - 1}.hook_resid_post", self._receiver([g.output_receiver], False)))
         return hooks
 
-    def _root(self, shift: Tensor | None) -> Callable:
-        def hook(resid: Tensor, hook: Any) -> Tensor:
-            if not resid.requires_grad:
-                resid = resid.detach().requires_grad_(True)
-            self.root = resid if shift is None else resid - shift
-            return self.root
+    @property
+    def recording(self) -> bool:
+        return self.differences is None
 
-        return hook
+    def finish_clean_forward(self, source: Tensor) -> None:
+        """After the clean forward: ``differences = clean - source``; the upstream sums the activation path needs."""
+        self.differences = torch.stack(self.recorded) - source.to(self.recorded[0])
+        self.recorded = []
+        if self.interpolate == "activations":
+            total, done = torch.zeros_like(self.differences[0]), 0
+            for upstream in sorted(self.clean_inputs):
+                total = total + self.differences[done:upstream].sum(0)
+                self.upstream_sums[upstream], done = total, upstream
+
+    def _root(self, resid: Tensor, hook: Any) -> Tensor:
+        if self.recording:
+            self.recorded.append(resid.detach())
+        if not resid.requires_grad:
+            resid = resid.detach().requires_grad_(True)
+        if self.interpolate == "inputs" and not self.recording:
+            resid = resid - (1 - self.alpha) * self.differences[0]  # the input embeddings on the line to the source
+        self.root = resid
+        return resid
+
+    def _record_heads(self, result: Tensor, hook: Any) -> Tensor:
+        if self.recording:
+            self.recorded += [result[:, :, h].detach() for h in range(result.shape[2])]
+        return result
+
+    def _record_one(self, out: Tensor, hook: Any) -> Tensor:
+        if self.recording:
+            self.recorded.append(out.detach())
+        return out
 
     def _receiver(self, receivers: list[int], per_head: bool) -> Callable:
         upstream = self.graph.n_upstream(receivers[0])
 
         def hook(activation: Tensor, hook: Any) -> Tensor:
-            if self.interpolation is not None:
-                activation = self._interpolated(activation, upstream, per_head)
+            if self.interpolate == "activations":
+                if self.recording:
+                    self.clean_inputs[upstream] = (activation[:, :, 0] if per_head else activation).detach()
+                elif self.alpha != 1.0:
+                    activation = self._interpolated(activation, upstream, per_head)
             activation.register_hook(lambda grad: self._score(grad, receivers, upstream, per_head))
             return activation
 
@@ -188,9 +223,7 @@ class _GradientScorer:
 
     def _interpolated(self, activation: Tensor, upstream: int, per_head: bool) -> Tensor:
         """The receiver input set to ``clean - (1 - alpha) * sum(clean - source)`` with a straight-through gradient."""
-        alpha, clean_inputs = self.interpolation[0], self.interpolation[1]
-        clean = clean_inputs[upstream]
-        target = clean - (1 - alpha) * self.differences[:upstream].sum(0)
+        target = self.clean_inputs[upstream] - (1 - self.alpha) * self.upstream_sums[upstream]
         if per_head:
             target = target[:, :, None]
         return activation + (target - activation).detach()
@@ -201,9 +234,8 @@ class _GradientScorer:
         # here copied all upstream differences into another layout on every call.
         grad = grad.permute(2, 0, 1, 3)  # [receivers, batch, pos, d_model]: rows of d_model stay contiguous
         differences = self.differences[:upstream].to(grad).flatten(1)  # [sender, batch * pos * d_model]
-        one_group = self.groups.shape[-1] == 1 and bool((self.groups == 1).all())
         for group in range(self.groups.shape[-1]):
-            masked = grad if one_group else grad * self.groups[None, :, :, group, None].to(grad)
+            masked = grad if self.one_group else grad * self.groups[None, :, :, group, None].to(grad)
             contribution = differences @ masked.reshape(len(receivers), -1).T
             self.scores[:upstream, receivers, group] += self.weight * contribution.to(self.scores)
 
@@ -216,60 +248,43 @@ def _gradient_method(
     start = time.perf_counter()
     tower, source, groups = _prepare(model, graph, clean_images, corrupted_images, metric, ablation,
                                      reference_images, token_groups)
-    clean = sender_outputs(tower, graph, clean_images)
     scores = torch.zeros(graph.shape, dtype=torch.float64)
     n = len(clean_images)
-    alphas = [1.0] if interpolate is None else [(k + 1) / steps for k in range(steps)]
+    # the clean point (alpha = 1) first: its forward records the senders' clean outputs for the differences
+    alphas = [1.0] if interpolate is None else [1.0] + [(k + 1) / steps for k in range(steps - 1)]
     baseline = 0.0
     chunks = _batches(n, batch_size)
-    total = len(chunks) * len(alphas)
-    bar = progress_bar(total=total, desc=name, enabled=progress)
+    bar = progress_bar(total=len(chunks) * len(alphas), desc=name, enabled=progress)
     with edge_hooks_enabled(tower):
         for chunk in chunks:
             images = clean_images[chunk]
-            differences = (clean[:, chunk] - source[:, chunk if source.shape[1] > 1 else slice(None)]).detach()
-            clean_inputs = _receiver_inputs_by_upstream(tower, graph, images) if interpolate == "activations" else None
+            chunk_source = source[:, chunk] if source.shape[1] > 1 else source
+            # per-image metric values are summed, so each image's gradient carries weight 1; the weight turns
+            # the sum over images and steps into the mean
+            scorer = _GradientScorer(graph, groups[chunk], scores, 1 / n / len(alphas))
+            scorer.interpolate = interpolate
             for alpha in alphas:
-                interpolation = (alpha, clean_inputs) if interpolate == "activations" else None
-                scorer = _GradientScorer(graph, differences, groups[chunk], scores,
-                                         (len(images) / n) / len(alphas) / len(images), interpolation)
-                shift = (1 - alpha) * differences[0] if interpolate == "inputs" else None
+                scorer.alpha = alpha
                 with torch.enable_grad():
-                    output = tower.run_with_hooks(images, fwd_hooks=scorer.hooks(shift))
-                    # per-image metric values summed: each image's gradient then carries weight 1, and
-                    # the scorer's weight turns the sum into the mean over all images
+                    output = tower.run_with_hooks(images, fwd_hooks=scorer.hooks())
                     value = _metric_sum(metric, output)
                     if not value.requires_grad:
                         raise ValueError("metric(output) does not depend on the output (no gradient reaches the edges); "
                                          "compute it from the output with torch operations")
+                    if scorer.recording:
+                        scorer.finish_clean_forward(chunk_source)
+                        baseline += float(value.detach()) / n
                     # gradients for the root only: the receivers' tensor hooks score on the way, and no
                     # parameter's .grad is touched
                     torch.autograd.grad(value, [scorer.root])
-                if alpha == 1.0:
-                    baseline += float(value.detach()) / n
                 bar.update(1)
+            del scorer
     bar.close()
     return EdgeScores(graph, scores.float(), name, baseline_clean=baseline, seconds=time.perf_counter() - start)
 
 
 def _metric_sum(metric: Callable, output: Tensor) -> Tensor:
     return metric_mean(metric, output) * len(output)
-
-
-def _receiver_inputs_by_upstream(tower: Any, graph: CircuitGraph, images: Tensor) -> dict[int, Tensor]:
-    """The clean residual stream each receiver reads, keyed by how many senders it reads."""
-    names = [f"blocks.{l}.hook_resid_pre" for l in range(graph.n_layers)]
-    names += [f"blocks.{l}.hook_resid_mid" for l in range(graph.n_layers)]
-    names.append(f"blocks.{graph.n_layers - 1}.hook_resid_post")
-    with torch.no_grad():
-        _, cache = tower.run_with_cache(images, names_filter=names, return_type=None)
-    inputs = {}
-    for layer in range(graph.n_layers):
-        heads, mlp = graph.layer_receivers(layer)
-        inputs[graph.n_upstream(heads.start)] = cache[f"blocks.{layer}.hook_resid_pre"]
-        inputs[graph.n_upstream(mlp)] = cache[f"blocks.{layer}.hook_resid_mid"]
-    inputs[graph.n_senders] = cache[f"blocks.{graph.n_layers - 1}.hook_resid_post"]
-    return inputs
 
 
 def edge_attribution_patching(

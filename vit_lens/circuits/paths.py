@@ -223,13 +223,8 @@ def path_patching(
             chunk = senders[start : start + per_forward]
             batch = corrupted_images.repeat(len(chunk), 1, 1, 1)
             recorded: dict[str, Tensor] = {}
-
-            def record(activation: Tensor, hook: Any) -> Tensor:
-                recorded[hook.name] = activation.clone()
-                return activation
-
             hooks = _pass_one_hooks(graph, chunk, clean, corrupted, corrupted_mlps, n, through)
-            tower.run_with_hooks(batch, fwd_hooks=hooks + [(name, record) for name in record_names],
+            tower.run_with_hooks(batch, fwd_hooks=hooks + [(name, _recorder(recorded)) for name in record_names],
                                  return_type=None)
             where = masks.repeat(len(chunk), 1)[..., None]  # [variants * images, pos, 1]
             set_hooks = [(target, _set_input(recorded[source], head, where))
@@ -254,6 +249,16 @@ def path_patching(
         n_prefix_tokens=cfg.n_prefix_tokens,
         grid_size=(clean_images.shape[-2] // cfg.patch_size[0], clean_images.shape[-1] // cfg.patch_size[1]),
     )
+
+
+def _recorder(recorded: dict[str, Tensor]) -> Any:
+    """A hook that keeps a copy of its activation in ``recorded`` under the hook's name."""
+
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        recorded[hook.name] = activation.clone()
+        return activation
+
+    return hook
 
 
 def _set_input(recorded: Tensor, head: int | None, where: Tensor) -> Any:
