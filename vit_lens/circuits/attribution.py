@@ -179,8 +179,9 @@ class _GradientScorer:
 
     def finish_clean_forward(self, source: Tensor) -> None:
         """After the clean forward: ``differences = clean - source``; the upstream sums the activation path needs."""
-        self.differences = torch.stack(self.recorded) - source.to(self.recorded[0])
+        self.differences = torch.stack(self.recorded)
         self.recorded = []
+        self.differences.sub_(source.to(self.differences))  # in place: one copy of the senders' outputs, not two
         if self.interpolate == "activations":
             total, done = torch.zeros_like(self.differences[0]), 0
             for upstream in sorted(self.clean_inputs):
