@@ -3,11 +3,12 @@
     python benchmarks/circuit_scorecard.py [--model classifier|clip|both] [--pairs 32] [--json PATH]
 
 For each factor of the toy world, every edge method of :mod:`vit_lens.methods.circuit_scorecard` (EAP, EAP-IG
-on inputs and on activations, exact edge patching, and the node-attribution and random baselines) scores
-the 479 edges of the planted model's circuit graph from the model and clean / corrupted pairs only; the
-scores are then compared with ``vit_lens.planted.truth.edge_truth`` (edge AUROC, average precision, precision
-at the true circuit's size, over the known edges). Prints markdown tables (for benchmarks/README.md) and
-writes the figures, the date and the command as JSON.
+on inputs and on activations, exact edge patching, ACDC, a learned edge mask, and the node-attribution and
+random baselines) scores the 479 edges of the planted model's circuit graph from the model and clean /
+corrupted pairs only; the scores are then compared with ``vit_lens.planted.truth.edge_truth`` (edge AUROC,
+average precision, precision at the true circuit's size, over the known edges), beside MIB's CPR and CMD from
+real runs of each method's circuits. Prints markdown tables (for benchmarks/README.md) and writes the
+figures, the date and the command as JSON.
 """
 
 import argparse

@@ -31,8 +31,10 @@ factor's pairs (:func:`vit_lens.circuits.evaluation.evaluate_methods`, top-n sel
 
 Methods (:data:`EDGE_METHODS`): ``eap`` (edge attribution patching), ``eap_ig_inputs`` and
 ``eap_ig_activations`` (EAP-IG with 5 steps, interpolating the inputs or every receiver's input),
-``exact`` (exact edge patching: one patched run per edge), ``node_attribution`` (attribution patching of
-nodes, edges ranked by their weaker node) and ``random`` (a seeded random ranking).
+``exact`` (exact edge patching: one patched run per edge), ``acdc`` (ACDC at five thresholds, 0.1 % to 10 %
+of the whole effect; an edge scores the largest threshold it survives), ``edge_mask`` (a learned continuous
+edge mask, 100 Adam steps; its final logits), ``node_attribution`` (attribution patching of nodes, edges
+ranked by their weaker node) and ``random`` (a seeded random ranking). Each runs with its defaults.
 
 Example:
     >>> import vit_lens
@@ -58,6 +60,7 @@ from vit_lens.circuits.attribution import (
     node_attribution_patching,
     random_edge_scores,
 )
+from vit_lens.circuits.discovery import acdc_sweep, learned_edge_mask
 from vit_lens.circuits.evaluation import evaluate_methods
 from vit_lens.circuits.graph import CircuitGraph
 from vit_lens.methods.scorecard import (
@@ -103,6 +106,14 @@ def _exact(model: Any, graph: CircuitGraph, pairs: FactorPairs, metric: Callable
     return exact_edge_patching(model, graph, pairs.clean, pairs.corrupted, metric)
 
 
+def _acdc(model: Any, graph: CircuitGraph, pairs: FactorPairs, metric: Callable, seed: int) -> EdgeScores:
+    return acdc_sweep(model, graph, pairs.clean, pairs.corrupted, metric).scores
+
+
+def _edge_mask(model: Any, graph: CircuitGraph, pairs: FactorPairs, metric: Callable, seed: int) -> EdgeScores:
+    return learned_edge_mask(model, graph, pairs.clean, pairs.corrupted, metric, seed=seed)
+
+
 def _node_attribution(model: Any, graph: CircuitGraph, pairs: FactorPairs, metric: Callable,
                       seed: int) -> EdgeScores:
     return node_attribution_patching(model, graph, pairs.clean, pairs.corrupted, metric)
@@ -117,6 +128,8 @@ EDGE_METHODS: dict[str, EdgeMethod] = {
     "eap_ig_inputs": _eap_ig_inputs,
     "eap_ig_activations": _eap_ig_activations,
     "exact": _exact,
+    "acdc": _acdc,
+    "edge_mask": _edge_mask,
     "node_attribution": _node_attribution,
     "random": _random,
 }
@@ -127,6 +140,8 @@ METHOD_NAMES = {
     "eap_ig_inputs": "EAP-IG, inputs (5 steps)",
     "eap_ig_activations": "EAP-IG, activations (5 steps)",
     "exact": "exact edge patching",
+    "acdc": "ACDC (5 thresholds)",
+    "edge_mask": "learned edge mask (100 steps)",
     "node_attribution": "node attribution patching (baseline)",
     "random": "random ranking (baseline)",
 }
