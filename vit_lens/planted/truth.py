@@ -100,9 +100,10 @@ def edge_truth(factor: str, n_layers: int = CLASSIFIER_N_LAYERS, n_heads: int = 
       and visits every planted head of the factor, in layer order (``position``: L0H1, then L2H1; the
       others their one head), entering a head through any of its q, k or v inputs.
     - **Labels**, checked in this order: an edge is *positive* if it lies on a valid path and touches one
-      of the factor's heads; *unknown* if it touches another factor's head (also when its other end is
-      inert), or if it joins two glue nodes (input, MLPs, logits) on a valid path, since the design does
-      not say which MLP routes the model uses; *negative* otherwise: it touches an inert node, or it is on
+      of the factor's heads; *negative* if it touches an inert node (training made its output carry
+      nothing, so nothing flows through the edges into or out of it, whatever the other end is); *unknown*
+      if it touches another factor's head, or if it joins two glue nodes (input, MLPs, logits) on a valid
+      path, since the design does not say which MLP routes the model uses; *negative* otherwise: it is on
       no valid path. So a hop that skips a planted head is negative: for ``position``, ``a0.h1->logits``
       (hop 1 read directly) and ``input->a2.h1<v>`` (hop 2 without hop 1) are negatives, as is
       ``input->logits`` for every factor.
@@ -194,6 +195,8 @@ def edge_truth(factor: str, n_layers: int = CLASSIFIER_N_LAYERS, n_heads: int = 
             on_valid_path = bool(linked.get((u, v))) and any(step(count, v) in backward[v] for count in forward[u])
             if on_valid_path and "mine" in kinds:
                 label = POSITIVE
+            elif "inert" in kinds:
+                label = NEGATIVE  # an inert node's output carries nothing, so neither do the edges in or out of it
             elif "other" in kinds or (on_valid_path and kinds == {"glue"}):
                 label = UNKNOWN
             else:
