@@ -123,6 +123,8 @@ def test_edge_mask_is_deterministic_by_seed_and_checks_its_arguments(model):
     other = learned_edge_mask(model, graph, clean, corrupted, _metric, steps=5, seed=2)
     assert torch.equal(first.scores, again.scores) and not torch.equal(first.scores, other.scores)
     assert bool((first.scores[~graph.real] == 0).all())
+    assert float(first.scores.max()) <= 1.0  # masks, not logits
+    assert all(p.grad is None for p in model.parameters()), "training the mask must not touch the model's .grad"
     with pytest.raises(ValueError, match="steps must be a positive int"):
         learned_edge_mask(model, graph, clean, corrupted, _metric, steps=0)
     with pytest.raises(ValueError, match="sparsity must be a number >= 0"):

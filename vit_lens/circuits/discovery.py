@@ -214,8 +214,8 @@ def learned_edge_mask(
         Others: as :func:`acdc`.
 
     Returns:
-        :class:`EdgeScores` (method ``"edge mask"``): the final logits (rank as the masks do, without ties at
-        saturation); ``sigmoid(scores)`` are the masks.
+        :class:`EdgeScores` (method ``"edge mask"``): the final masks ``sigmoid(logit)`` in ``[0, 1]`` (masks, not
+        logits: ranked by ``|score|`` for CMD, logits would put the most strongly pruned edges first).
     """
     for name, value in (("sparsity", sparsity), ("lr", lr)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -250,8 +250,8 @@ def learned_edge_mask(
             faithfulness_loss = run_patched(tower, graph, clean_images, source, (1 - mask)[None], groups,
                                             loss_per_image)[0]
             loss = faithfulness_loss + sparsity * (mask * real).sum() / n_real
-            optimizer.zero_grad()
-            loss.backward()
+            # the gradient of the logits only: loss.backward() would also fill every model parameter's .grad
+            (logits.grad,) = torch.autograd.grad(loss, [logits])
         optimizer.step()
     scores = torch.where(real, torch.sigmoid(logits.detach()), torch.zeros(()))
     return EdgeScores(graph, scores, "edge mask", baseline_clean=clean_mean, baseline_corrupted=corrupted_mean,
