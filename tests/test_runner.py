@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from vit_lens.runner import Activations, Covariance, Mean, RunResult, run_dataset, weights_fingerprint
+from vit_lens.runner import (Activations, Covariance, InMemoryResult, Mean, RunResult, run_dataset,
+                             weights_fingerprint)
 from vit_lens.toy import ToyWorld, load_toy_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,3 +295,48 @@ def test_a_grown_stream_recomputes_the_short_last_shard(clip, images, tmp_path):
     with pytest.raises(ValueError, match=r"stream of 6 images, which is shorter than the run .* shards \[1, 2, 3\]"):
         run_dataset(clip, iter(stream[:3]), tmp_path, record, batch_size=2, progress=False)
     assert RunResult(tmp_path).n_images == 14  # the refused shorter pass left the finished run as it was
+
+
+def test_in_memory_reductions_equal_the_on_disk_run(clip, images, tmp_path):
+    record = [Mean(RESID[1], "all", over="images"), Covariance(RESID[3], "patches", over="tokens")]
+    on_disk = run_dataset(clip, images, tmp_path, record, shard_size=48, batch_size=20, progress=False)
+    in_memory = run_dataset(clip, images, record=record, shard_size=48, batch_size=20, progress=False)
+    assert isinstance(in_memory, InMemoryResult)
+    assert sorted(in_memory.reductions) == sorted(on_disk.reductions)
+    for key, value in on_disk.reductions.items():
+        assert torch.equal(in_memory.reductions[key], value), key  # the same sums in the same order: the same bits
+    assert in_memory.count(RESID[3]) == 150 * 64 and in_memory.n_images == 150
+    torch.testing.assert_close(in_memory.covariance(RESID[3]), on_disk.covariance(RESID[3]), rtol=0, atol=0)
+    streamed = run_dataset(clip, (images[i:i + 7] for i in range(0, 150, 7)), record=record[:1], progress=False)
+    torch.testing.assert_close(streamed.mean(RESID[1]), on_disk.mean(RESID[1]), rtol=0, atol=1e-5)
+    assert streamed.n_images == 150
+    with pytest.raises(ValueError, match=r"out_dir=None\) keeps only reductions .*'activations': \['blocks.1"):
+        run_dataset(clip, images, record=[Activations(RESID[1], "cls"), Mean(RESID[1])], progress=False)
+    with pytest.raises(ValueError, match="keeps only reductions"):
+        in_memory.activations(RESID[1])
+    with pytest.raises(ValueError, match="overwrite=True"):
+        run_dataset(clip, images, record=record, overwrite=True, progress=False)
+
+
+def test_accelerate_launch_two_processes_equal_one(tmp_path):
+    """`accelerate launch --multi_gpu` starts torch.distributed's launcher, which the runner joins (gloo on CPU)."""
+    pytest.importorskip("accelerate")
+    import socket
+
+    with socket.socket() as probe:  # a free port for the rendezvous (accelerate's default 29500 may be taken)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["--dataset", "toy:96", "--hooks", RESID[2], "--tokens", "cls", "--mean", "--shard-size", "32",
+            "--batch-size", "16", "--device", "cpu"]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "one")), env=_env(), cwd=ROOT, check=True, capture_output=True)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m"]
+    env = {**_env(), "HF_HOME": str(tmp_path / "hf_home")}  # no accelerate config file: the flags alone
+    done = subprocess.run([*launcher, *_cli(*args, "--out", str(tmp_path / "two"))[2:]], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = RunResult(tmp_path / "one"), RunResult(tmp_path / "two")
+    assert two.manifest["world_size"] == 2 and len(two.shards) == 3
+    assert [r["sha256"] for r in one.shards] == [r["sha256"] for r in two.shards]
+    torch.testing.assert_close(two.mean(RESID[2]), one.mean(RESID[2]), rtol=0, atol=1e-12)

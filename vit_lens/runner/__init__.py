@@ -19,7 +19,8 @@ The public API:
   ``data``: a Dataset, an in-order DataLoader, a tensor of images or an iterable of image batches.
   Shard ``k`` holds images ``[k * shard_size, (k + 1) * shard_size)``. Under ``torchrun`` rank ``r``
   computes the shards with ``k % world_size == r``; reductions are all-reduced; rank 0 writes the
-  manifest. A second call with the same settings and weights resumes.
+  manifest. A second call with the same settings and weights resumes. ``out_dir=None`` keeps the
+  reductions (``Mean``, ``Covariance``) in memory and returns an :class:`InMemoryResult`.
 - Recorders (:mod:`vit_lens.runner.recorders`): :class:`Activations` (rows at hooks, a token
   selection, a stored dtype), :class:`Mean`, :class:`Covariance` (:class:`Moments`: float64 sums over
   images or tokens), and the :class:`Recorder` protocol for new ones: ``name``, ``hooks``, ``tokens``,
@@ -38,10 +39,10 @@ SHA-256, image range); ``reductions.safetensors``. docs/runner.md explains the f
 """
 
 from vit_lens.runner.data import ImageFiles
-from vit_lens.runner.readback import RunResult, ShardedRows
+from vit_lens.runner.readback import InMemoryResult, RunResult, ShardedRows
 from vit_lens.runner.recorders import Activations, Covariance, Mean, Moments, Recorder
 from vit_lens.runner.run import run_dataset
 from vit_lens.runner.storage import weights_fingerprint
 
-__all__ = ["Activations", "Covariance", "ImageFiles", "Mean", "Moments", "Recorder", "RunResult", "ShardedRows",
-           "run_dataset", "weights_fingerprint"]
+__all__ = ["Activations", "Covariance", "ImageFiles", "InMemoryResult", "Mean", "Moments", "Recorder", "RunResult",
+           "ShardedRows", "run_dataset", "weights_fingerprint"]

@@ -13,7 +13,73 @@ from torch.utils.data import Dataset
 from vit_lens.runner import storage
 
 
-class RunResult:
+class _Statistics:
+    """The reduction accessors shared by a run on disk and one kept in memory (``self.reductions``)."""
+
+    reductions: dict[str, Tensor]
+
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    def _statistic(self, hook: str, statistic: str, recorder: str | None) -> Tensor:
+        matches = [key for key in self.reductions
+                   if key.endswith(f"/{hook}/{statistic}") and (recorder is None or key.startswith(recorder + "/"))]
+        if len(matches) == 1:
+            return self.reductions[matches[0]]
+        if not matches:
+            raise KeyError(f"No {statistic} of {hook!r} in {self._where()}; it holds {sorted(self.reductions)}")
+        raise KeyError(f"Several recorders hold a {statistic} of {hook!r} ({matches}); pass recorder=...")
+
+    def mean(self, hook: str, recorder: str | None = None) -> Tensor:
+        """The float64 dataset mean at ``hook`` (from a ``Mean`` or ``Covariance`` recorder)."""
+        return self._statistic(hook, "mean", recorder)
+
+    def covariance(self, hook: str, recorder: str | None = None) -> Tensor:
+        """The float64 covariance at ``hook`` (unbiased), ``[features, features]``."""
+        return self._statistic(hook, "covariance", recorder)
+
+    def second_moment(self, hook: str, recorder: str | None = None) -> Tensor:
+        """``E[x x^T]`` at ``hook``, float64."""
+        return self._statistic(hook, "second_moment", recorder)
+
+    def count(self, hook: str, recorder: str | None = None) -> int:
+        """How many values the statistics at ``hook`` average (images, or images x tokens)."""
+        return int(self._statistic(hook, "count", recorder).item())
+
+
+class InMemoryResult(_Statistics):
+    """The reductions of a :func:`vit_lens.runner.run_dataset` pass run with ``out_dir=None``.
+
+    The same accessors as :class:`RunResult` (``mean``, ``covariance``, ``second_moment``, ``count``,
+    ``reductions``), the same values as an on-disk run with the same settings; no rows, no files.
+
+    Attributes:
+        reductions: ``'<recorder>/<hook>/<statistic>'`` -> float64 tensor.
+        n_images: Images in the dataset.
+        shard_size: Images per shard (how the images were split between ranks and grouped in the sums).
+        settings: The recorders, batch size and autocast dtype of the run.
+        world_size: The number of processes that shared the pass.
+    """
+
+    def __init__(self, reductions: dict[str, Tensor], *, n_images: int, shard_size: int, settings: dict[str, Any],
+                 world_size: int = 1):
+        self.reductions = reductions
+        self.n_images, self.shard_size, self.settings, self.world_size = n_images, shard_size, settings, world_size
+
+    def _where(self) -> str:
+        return "this in-memory run"
+
+    def __repr__(self) -> str:
+        names = [recorder["name"] for recorder in self.settings["recorders"]]
+        return f"InMemoryResult({self.n_images} images, recorders={names}, {len(self.reductions)} reductions)"
+
+    def activations(self, hook: str, *args: Any, **kwargs: Any) -> "ShardedRows":
+        """Always raises: a run in memory keeps reductions only."""
+        raise ValueError(f"No activations of {hook!r}: run_dataset(out_dir=None) keeps only reductions in memory; "
+                         "pass an out_dir and an Activations recorder to cache rows on disk")
+
+
+class RunResult(_Statistics):
     """A finished run of :func:`vit_lens.runner.run_dataset`, opened from its folder.
 
     Opening reads the manifest and checks that the run is complete and that every shard it lists
@@ -94,30 +160,8 @@ class RunResult:
                 self._reductions = {key: file[key].clone() for key in file.keys()}
         return self._reductions
 
-    def _statistic(self, hook: str, statistic: str, recorder: str | None) -> Tensor:
-        matches = [key for key in self.reductions
-                   if key.endswith(f"/{hook}/{statistic}") and (recorder is None or key.startswith(recorder + "/"))]
-        if len(matches) == 1:
-            return self.reductions[matches[0]]
-        if not matches:
-            raise KeyError(f"No {statistic} of {hook!r} in {self.directory}; it holds {sorted(self.reductions)}")
-        raise KeyError(f"Several recorders hold a {statistic} of {hook!r} ({matches}); pass recorder=...")
-
-    def mean(self, hook: str, recorder: str | None = None) -> Tensor:
-        """The float64 dataset mean at ``hook`` (from a ``Mean`` or ``Covariance`` recorder)."""
-        return self._statistic(hook, "mean", recorder)
-
-    def covariance(self, hook: str, recorder: str | None = None) -> Tensor:
-        """The float64 covariance at ``hook`` (unbiased), ``[features, features]``."""
-        return self._statistic(hook, "covariance", recorder)
-
-    def second_moment(self, hook: str, recorder: str | None = None) -> Tensor:
-        """``E[x x^T]`` at ``hook``, float64."""
-        return self._statistic(hook, "second_moment", recorder)
-
-    def count(self, hook: str, recorder: str | None = None) -> int:
-        """How many values the statistics at ``hook`` average (images, or images x tokens)."""
-        return int(self._statistic(hook, "count", recorder).item())
+    def _where(self) -> str:
+        return str(self.directory)
 
     def activations(self, hook: str, recorder: str = "activations", *, rows: str = "images") -> "ShardedRows":
         """The cached activations at ``hook`` as a memory-mapped dataset.

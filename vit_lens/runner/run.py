@@ -4,7 +4,9 @@ import hashlib
 import json
 import os
 import re
+import threading
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from vit_lens.model.hooked_vit import image_tower
 from vit_lens.runner import storage
 from vit_lens.runner.data import ShardedData
 from vit_lens.runner.distributed import Ranks, join
-from vit_lens.runner.readback import RunResult
+from vit_lens.runner.readback import InMemoryResult, RunResult
 from vit_lens.runner.recorders import Recorder, check_hooks, resolve_tokens
 from vit_lens.utils.progress import progress as progress_bar
 
@@ -30,8 +32,8 @@ _OUR_TEMPORARIES = re.compile(r"^\.(shard_\d{6}\.(safetensors|json)|manifest\.js
 def run_dataset(
     model: Any,
     data: Any,
-    out_dir: str | os.PathLike,
-    record: Any,
+    out_dir: str | os.PathLike | None = None,
+    record: Any = None,
     *,
     shard_size: int | None = None,
     batch_size: int | None = None,
@@ -41,7 +43,7 @@ def run_dataset(
     overwrite: bool = False,
     verify_checksums: bool = True,
     progress: bool = True,
-) -> RunResult:
+) -> RunResult | InMemoryResult:
     """Run ``model`` over ``data`` once and write what ``record`` asks for to shards in ``out_dir``.
 
     The same call works in one process and under ``torchrun --nproc_per_node=N``: rank ``r`` computes
@@ -57,11 +59,14 @@ def run_dataset(
             ``(images, ...)`` tuples). A Dataset is indexed, so each rank loads only its images; a plain
             iterable is read through by every rank.
         out_dir: The run's folder (created). A folder holding a run with the same settings and the
-            same model weights is resumed: finished shards are kept, the rest computed.
+            same model weights is resumed: finished shards are kept, the rest computed. None: keep
+            the reductions in memory (every recorder must be a pure reduction, such as ``Mean`` or
+            ``Covariance``; nothing is written, nothing resumes) and return an :class:`InMemoryResult`.
         record: A recorder or a list of them (:mod:`vit_lens.runner.recorders`: ``Activations``,
             ``Mean``, ``Covariance``, or any object with the ``Recorder`` interface).
         shard_size: Images per shard (None: as the existing run, else about 256 MB of rows per shard,
-            a power of two from 16 to 4096 images).
+            a power of two from 16 to 4096 images). In memory, it sets how the images are split
+            between ranks and grouped in the sums, as on disk.
         batch_size: Images per forward pass (None: the DataLoader's, else 32).
         device: Where the model runs (None: where it is; ``'cuda'`` under torchrun means
             ``cuda:LOCAL_RANK``). The model is moved there.
@@ -72,19 +77,28 @@ def run_dataset(
         progress: Show a progress bar (images/s, ETA).
 
     Returns:
-        The :class:`vit_lens.runner.readback.RunResult` of the finished run (on every rank).
+        The :class:`vit_lens.runner.readback.RunResult` of the finished run (on every rank), or with
+        ``out_dir=None`` an :class:`vit_lens.runner.readback.InMemoryResult` (``mean``, ``covariance``,
+        ``second_moment``, ``count``, ``reductions``; equal to the on-disk run's, on every rank).
 
     Raises:
-        ValueError: an unknown hook or token selection, duplicate recorder names, or ``out_dir``
-            holding a run with other settings, other weights or another dataset length.
+        ValueError: an unknown hook or token selection, duplicate recorder names, ``out_dir``
+            holding a run with other settings, other weights or another dataset length, or
+            ``out_dir=None`` with a recorder that writes rows.
 
     Example:
         >>> from vit_lens.runner import Activations, Mean, run_dataset
         >>> result = run_dataset(model, dataset, "runs/val", [Activations("blocks.11.hook_resid_post", "cls"),
         ...                      Mean("blocks.11.hook_resid_post")])  # doctest: +SKIP
         >>> result.mean("blocks.11.hook_resid_post").shape  # [pos, d_model]  # doctest: +SKIP
+        >>> in_memory = run_dataset(model, dataset, record=[Mean("blocks.11.hook_resid_post")])  # doctest: +SKIP
     """
     tower = image_tower(model)
+    if record is None:
+        raise ValueError("run_dataset needs something to record, e.g. record=[Activations('blocks.0.hook_resid_post')]")
+    if out_dir is None and overwrite:
+        raise ValueError("overwrite=True deletes a run in out_dir, but out_dir=None keeps everything in memory; pass "
+                         "an out_dir, or drop overwrite")
     recorders = _check_recorders(record, tower)
     if dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"dtype={dtype!r}; use one of {list(AUTOCAST_DTYPES)} (bfloat16 / float16 run under "
@@ -95,7 +109,7 @@ def run_dataset(
     tower.to(target)
     ranks = join(target.type)
     try:
-        return _run(tower, data, Path(out_dir), recorders, ranks, target, shard_size=shard_size,
+        return _run(tower, data, None if out_dir is None else Path(out_dir), recorders, ranks, target, shard_size=shard_size,
                     batch_size=batch_size, dtype=dtype, num_workers=num_workers, overwrite=overwrite,
                     verify_checksums=verify_checksums, progress=progress)
     finally:
@@ -181,9 +195,9 @@ def _last_block_needed(tower: Any, names: set[str]) -> int | None:
     return stop if stop < tower.cfg.n_layers else None
 
 
-def _run(tower: Any, data: Any, out: Path, recorders: list[Any], ranks: Ranks, device: torch.device, *,
+def _run(tower: Any, data: Any, out: Path | None, recorders: list[Any], ranks: Ranks, device: torch.device, *,
          shard_size: int | None, batch_size: int | None, dtype: str, num_workers: int, overwrite: bool,
-         verify_checksums: bool, progress: bool) -> RunResult:
+         verify_checksums: bool, progress: bool) -> RunResult | InMemoryResult:
     groups = _Groups(tower, recorders)
     autocast_dtype = AUTOCAST_DTYPES[dtype]
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
@@ -192,6 +206,12 @@ def _run(tower: Any, data: Any, out: Path, recorders: list[Any], ranks: Ranks, d
     probed = groups.run(tower, probe, autocast)  # checks every hook fires, and gives the shapes
     partial_shapes = {f"{recorder.name}/{key}": (tuple(value.shape), value.dtype)
                       for recorder, acts in probed for key, value in recorder.partials(acts, probe).items()}
+    probed_rows = {recorder.name: sorted(recorder.rows(acts, probe)) for recorder, acts in probed}
+    if out is None and any(probed_rows.values()):
+        writers = {name: keys for name, keys in probed_rows.items() if keys}
+        raise ValueError(f"run_dataset(out_dir=None) keeps only reductions in memory, but recorders {writers} write "
+                         "rows (per-image tensors); pass an out_dir to write them to shards, or record only reductions "
+                         "(Mean, Covariance, Moments)")
     row_bytes = sum(value[0].numel() * value.element_size()
                     for recorder, acts in probed for value in recorder.rows(acts, probe).values())
     loader = ShardedData(data, batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -201,6 +221,9 @@ def _run(tower: Any, data: Any, out: Path, recorders: list[Any], ranks: Ranks, d
         "batch_size": loader.batch_size,
         "dtype": dtype,
     }
+    if out is None:
+        return _run_in_memory(tower, loader, recorders, groups, autocast, partial_shapes, settings, ranks, device,
+                              shard_size=shard_size or _default_shard_size(row_bytes), progress=progress)
     weights = storage.weights_fingerprint(tower)
     setup = None
     if ranks.rank == 0:
@@ -226,41 +249,80 @@ def _run(tower: Any, data: Any, out: Path, recorders: list[Any], ranks: Ranks, d
         total = sum(size for k, size in sizes.items() if k % ranks.world_size == ranks.rank)
         initial = sum(sizes[k] for k in done if k in sizes)
     bar = progress_bar(total=total, initial=initial, desc="run_dataset", unit="img", enabled=progress)
-    non_blocking = device.type == "cuda"
-    with bar:
-        for k, first, batches in loader.shards(shard_size, lambda k: k % ranks.world_size == ranks.rank and k not in done,
-                                               ended_short):
-            rows: dict[str, list[Tensor]] = {}
-            sums: dict[str, Tensor] = {}
-            count = 0
-            for images in batches:
-                images = images.to(device, non_blocking=non_blocking)
-                if images.is_floating_point():
-                    images = images.to(reference.dtype)
-                for recorder, acts in groups.run(tower, images, autocast):
-                    for key, value in recorder.rows(acts, images).items():
-                        rows.setdefault(f"{recorder.name}/{key}", []).append(value.detach().to("cpu"))
-                    for key, value in recorder.partials(acts, images).items():
-                        full = f"partial/{recorder.name}/{key}"
-                        sums[full] = sums[full] + value if full in sums else value.detach().clone()
-                count += len(images)
-                bar.update(len(images))
-            if count:
-                _write_shard(out, k, first, count, rows, sums, run_key)
-                if ranks.rank == 0:
-                    _write_manifest(out, run_key, complete=False)
+    writer = _ShardWriter()
+    try:
+        with bar:
+            for k, first, batches in loader.shards(
+                    shard_size, lambda k: k % ranks.world_size == ranks.rank and k not in done, ended_short):
+                count, rows, sums = _record_shard(tower, batches, groups, autocast, device, bar)
+                if count:
+                    sums = {f"partial/{key}": value for key, value in sums.items()}
+                    writer.submit(_write_shard, out, k, first, count, rows, sums, run_key, ranks.rank == 0)
+    finally:
+        writer.join()  # a shard in flight is finished (file, then record) even when the pass stops with an error
+    writer.raise_error()
     n_images = loader.n_images
     ranks.barrier()
     totals = _reduce(out, recorders, partial_shapes, n_images, shard_size, ranks, device)
     if ranks.rank == 0:
         _check_shards_cover(out, run_key, n_images, shard_size)
-        results = {f"{recorder.name}/{key}": value for recorder in recorders
-                   for key, value in recorder.finalize({key.split("/", 1)[1]: total for key, total in totals.items()
-                                                        if key.split("/", 1)[0] == recorder.name}).items()}
+        results = _finalize(recorders, totals)
         reductions = storage.write_tensors(out / storage.REDUCTIONS, results) if results else None
         _write_manifest(out, run_key, complete=True, n_images=n_images, reductions=reductions)
     ranks.barrier()
     return RunResult(out)
+
+
+def _record_shard(tower: Any, batches: Any, groups: _Groups, autocast: Any, device: torch.device, bar: Any,
+                  ) -> tuple[int, dict[str, list[Tensor]], dict[str, Tensor]]:
+    """One shard's forward passes: its image count, its rows (``'<recorder>/<key>'`` -> CPU tensors, batch by
+    batch) and its partial sums (``'<recorder>/<key>'``, summed over the batches, on the CPU)."""
+    reference = next(tower.parameters())
+    non_blocking = device.type == "cuda"
+    rows: dict[str, list[Tensor]] = {}
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for images in batches:
+        images = images.to(device, non_blocking=non_blocking)
+        if images.is_floating_point():
+            images = images.to(reference.dtype)
+        for recorder, acts in groups.run(tower, images, autocast):
+            for key, value in recorder.rows(acts, images).items():
+                rows.setdefault(f"{recorder.name}/{key}", []).append(value.detach().to("cpu"))
+            for key, value in recorder.partials(acts, images).items():
+                full = f"{recorder.name}/{key}"
+                sums[full] = sums[full] + value if full in sums else value.detach().clone()
+        count += len(images)
+        bar.update(len(images))
+    return count, rows, {key: value.to("cpu") for key, value in sums.items()}
+
+
+def _run_in_memory(tower: Any, loader: ShardedData, recorders: list[Any], groups: _Groups, autocast: Any,
+                   shapes: dict[str, tuple], settings: dict, ranks: Ranks, device: torch.device, *, shard_size: int,
+                   progress: bool) -> InMemoryResult:
+    """The pass without a folder: each rank sums its shards' partial sums in shard order (as the on-disk
+    run reduces its shard files, so the results are the same bits), then the totals are all-reduced."""
+    totals = {key: torch.zeros(shape, dtype=torch.float64) for key, (shape, _) in shapes.items()}
+    total = None
+    if loader.n_images is not None:
+        total = sum(min(shard_size, loader.n_images - k * shard_size)
+                    for k in range(ranks.rank, -(-loader.n_images // shard_size), ranks.world_size))
+    with progress_bar(total=total, desc="run_dataset", unit="img", enabled=progress) as bar:
+        for _, _, batches in loader.shards(shard_size, lambda k: k % ranks.world_size == ranks.rank):
+            count, _, sums = _record_shard(tower, batches, groups, autocast, device, bar)
+            if count:
+                for key in totals:
+                    totals[key] += sums[key]
+    totals = {key: ranks.all_reduce_sum(value, device) for key, value in totals.items()}
+    return InMemoryResult(_finalize(recorders, totals), n_images=loader.n_images, shard_size=shard_size,
+                          settings=settings, world_size=ranks.world_size)
+
+
+def _finalize(recorders: list[Any], totals: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``'<recorder>/<result>'`` -> each recorder's results from its dataset totals."""
+    return {f"{recorder.name}/{key}": value for recorder in recorders
+            for key, value in recorder.finalize({key.split("/", 1)[1]: total for key, total in totals.items()
+                                                 if key.split("/", 1)[0] == recorder.name}).items()}
 
 
 def _reduce(out: Path, recorders: list[Any], shapes: dict[str, tuple], n_images: int, shard_size: int,
@@ -393,17 +455,55 @@ def _check_shards_cover(out: Path, run_key: str, n_images: int, shard_size: int)
                          "the same stream (or one that goes on further), or pass overwrite=True to start again")
 
 
+class _ShardWriter:
+    """Writes shards on one background thread, so that a shard's serialisation, hashing and fsync overlap
+    the next shard's forward passes (file I/O and hashing release the GIL).
+
+    One shard is in flight at most: :meth:`submit` first waits for the previous one, so memory holds at
+    most two shards' rows (the one written, the one filled). An error in the thread is raised in the
+    caller's thread, by the next :meth:`submit` or by :meth:`raise_error` after :meth:`join`.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        self.join()
+        self.raise_error()
+        self._thread = threading.Thread(target=self._call, args=(write, *args), name="vit_lens shard writer")
+        self._thread.start()
+
+    def _call(self, write: Callable[..., None], *args: Any) -> None:
+        try:
+            write(*args)
+        except BaseException as error:  # handed to the caller's thread
+            self._error = error
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
 def _write_shard(out: Path, k: int, first: int, count: int, rows: dict[str, list[Tensor]],
-                 sums: dict[str, Tensor], run_key: str) -> None:
-    tensors = {key: torch.cat(parts) for key, parts in rows.items()}
-    tensors.update({key: value.to("cpu") for key, value in sums.items()})
-    # One metadata entry: safetensors orders several in a hash map, which would make equal shards differ in bytes.
+                 sums: dict[str, Tensor], run_key: str, update_manifest: bool) -> None:
+    """Shard ``k``'s file, then (after its fsync and rename) its record, then on rank 0 the manifest."""
+    tensors: dict[str, Tensor | list[Tensor]] = {**rows, **sums}
+    # One metadata entry, so that the header's bytes depend only on the shard.
     metadata = {"vit_lens": json.dumps({"format": storage.FORMAT, "shard": k, "first_image": first, "n_images": count})}
     written = storage.write_tensors(out / storage.shard_name(k), tensors, metadata)
     record = {"index": k, "file": storage.shard_name(k), "first_image": first, "n_images": count,
-              "rows": {key: len(value) for key, value in tensors.items() if not key.startswith("partial/")},
+              "rows": {key: sum(len(part) for part in parts) for key, parts in rows.items()},
               "run_key": run_key, **written}
     storage.write_json_atomic(out / storage.record_name(k), record)
+    if update_manifest:
+        _write_manifest(out, run_key, complete=False)
 
 
 def _write_manifest(out: Path, run_key: str, complete: bool, n_images: int | None = None, reductions: dict | None = None) -> None:

@@ -13,7 +13,10 @@ import hashlib
 import json
 import os
 import struct
+import sys
+import threading
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ _DTYPES = {
     "I16": (np.int16, torch.int16), "I8": (np.int8, torch.int8), "U8": (np.uint8, torch.uint8),
     "BOOL": (np.bool_, torch.bool),
 }
+_SAFETENSORS_NAMES = {torch_dtype: name for name, (_, torch_dtype) in _DTYPES.items()}
 
 
 def shard_name(index: int) -> str:
@@ -63,13 +67,29 @@ def weights_fingerprint(model: Any) -> str:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either its old content or all of ``data``."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
-    with open(temporary, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
+    _write_pieces_atomic(path, [data])
+
+
+def _write_pieces_atomic(path: Path, pieces: Iterable[Any]) -> str:
+    """Write the buffers ``pieces`` one after the other to ``path`` atomically; returns their SHA-256.
+
+    The bytes are hashed as they are written, so nothing is read back.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{TEMPORARY_SUFFIX}")
+    digest = hashlib.sha256()
+    try:
+        with open(temporary, "wb") as out:
+            for piece in pieces:
+                digest.update(piece)
+                out.write(piece)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     _fsync_directory(path.parent)
+    return "sha256:" + digest.hexdigest()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -90,13 +110,54 @@ def write_json_atomic(path: Path, value: Any) -> None:
     write_atomic(path, (json.dumps(value, indent=1) + "\n").encode())
 
 
-def write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> dict[str, Any]:
-    """Write ``tensors`` to the safetensors file ``path`` atomically; returns its size and SHA-256."""
-    from safetensors.torch import save
+def write_tensors(path: Path, tensors: dict[str, Tensor | list[Tensor]],
+                  metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``tensors`` to the safetensors file ``path`` atomically; returns its size and SHA-256.
 
-    data = save({key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}, metadata=metadata)
-    write_atomic(path, data)
-    return {"bytes": len(data), "sha256": "sha256:" + hashlib.sha256(data).hexdigest()}
+    A value may be a list of tensors (a shard's rows, batch by batch): it is stored as their
+    concatenation along the first axis, written piece by piece from the tensors' own memory, so no
+    joined copy and no in-memory image of the file is made. Tensors are laid out by element size
+    (largest first), then name, which keeps every tensor aligned to its element size; the file is
+    a standard safetensors file (``safetensors.torch.load_file`` reads it).
+    """
+    entries = []
+    for name, value in tensors.items():
+        pieces = [value] if isinstance(value, Tensor) else list(value)
+        if not pieces:
+            raise ValueError(f"write_tensors: {name!r} is an empty list of tensors")
+        pieces = [piece.detach().to("cpu").contiguous() for piece in pieces]
+        dtype, inner = pieces[0].dtype, tuple(pieces[0].shape[1:])
+        if any(piece.dtype != dtype or tuple(piece.shape[1:]) != inner or piece.ndim == 0 for piece in pieces[1:]):
+            raise ValueError(f"write_tensors: the pieces of {name!r} differ in dtype or trailing shape; they must "
+                             "stack along their first axis")
+        shape = tuple(pieces[0].shape) if len(pieces) == 1 else (sum(len(piece) for piece in pieces), *inner)
+        if dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"write_tensors: {name!r} has dtype {dtype}, which shards do not store; use one of "
+                             f"{sorted(str(d) for d in _SAFETENSORS_NAMES)}")
+        entries.append((name, dtype, shape, pieces))
+    entries.sort(key=lambda entry: (-entry[1].itemsize, entry[0]))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, pieces in entries:
+        size = sum(piece.numel() for piece in pieces) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    buffers = [struct.pack("<Q", len(text)), text]
+    buffers += [_raw_bytes(piece) for _, _, _, pieces in entries for piece in pieces if piece.numel()]
+    digest = _write_pieces_atomic(path, buffers)
+    return {"bytes": 8 + len(text) + offset, "sha256": digest}
+
+
+def _raw_bytes(tensor: Tensor) -> memoryview:
+    """The little-endian bytes of a contiguous CPU tensor, as safetensors stores them (no copy on little-endian hosts)."""
+    flat = tensor.reshape(-1)
+    if sys.byteorder == "big" and tensor.element_size() > 1:
+        numpy_dtype = _DTYPES[_SAFETENSORS_NAMES[tensor.dtype]][0]
+        swapped = flat.view(torch.int16) if tensor.dtype == torch.bfloat16 else flat
+        return memoryview(swapped.numpy().astype(np.dtype(numpy_dtype).newbyteorder("<")).view(np.uint8))
+    return memoryview(flat.view(torch.uint8).numpy())
 
 
 def file_digest(path: Path) -> str:
