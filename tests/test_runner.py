@@ -340,3 +340,23 @@ def test_accelerate_launch_two_processes_equal_one(tmp_path):
     assert two.manifest["world_size"] == 2 and len(two.shards) == 3
     assert [r["sha256"] for r in one.shards] == [r["sha256"] for r in two.shards]
     torch.testing.assert_close(two.mean(RESID[2]), one.mean(RESID[2]), rtol=0, atol=1e-12)
+
+
+def test_a_failed_shard_write_is_raised_in_the_caller(clip, images, tmp_path, monkeypatch):
+    """Shards are written on a background thread; its error must reach run_dataset's caller, not vanish."""
+    from vit_lens.runner import storage
+
+    written = storage.write_tensors
+
+    def disk_full_on_shard_1(path, tensors, metadata=None):
+        if path.name == "shard_000001.safetensors":
+            raise OSError(28, "No space left on device")
+        return written(path, tensors, metadata)
+
+    monkeypatch.setattr(storage, "write_tensors", disk_full_on_shard_1)
+    with pytest.raises(OSError, match="No space left"):
+        run_dataset(clip, images[:64], tmp_path, Activations(RESID[0], "cls"), shard_size=16, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("shard_*.json")) == ["shard_000000.json"]  # stopped at the failure
+    monkeypatch.setattr(storage, "write_tensors", written)
+    resumed = run_dataset(clip, images[:64], tmp_path, Activations(RESID[0], "cls"), progress=False)
+    assert len(resumed.shards) == 4
