@@ -21,7 +21,11 @@ from pathlib import Path
 
 import torch
 
-from vit_lens.methods.circuit_scorecard import DEFAULT_PAIRS, EDGE_METHODS, circuit_scorecard
+from vit_lens.methods.circuit_scorecard import (
+    DEFAULT_PAIRS,
+    EDGE_METHODS,
+    circuit_scorecard,
+)
 from vit_lens.methods.scorecard import SCORECARD_SEED
 from vit_lens.planted import load_planted
 
@@ -37,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SCORECARD_SEED)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=str(Path(__file__).with_suffix(".json")), help="where to write the figures")
+    parser.add_argument("--method-scorecard-json", default=str(Path(__file__).with_name("method_scorecard.json")),
+                        help="the head scorecard's figures, which get these under a 'circuits' key ('' to skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = "python benchmarks/circuit_scorecard.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
@@ -60,10 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.perf_counter() - start, 1)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"(total {result['seconds']:.0f} s; figures written to {args.json})")
+    if args.method_scorecard_json:
+        add_to_method_scorecard(result, Path(args.method_scorecard_json))
     if result["not_run"]:
         print(f"not run: {sorted(result['not_run'])} (see above)", file=sys.stderr)
         return 2
     return 0
+
+
+def add_to_method_scorecard(result: dict, path: Path) -> None:
+    """Put the circuit figures under the ``"circuits"`` key of the head scorecard's JSON, beside its methods."""
+    if not path.exists():
+        print(f"({path} does not exist; run benchmarks/method_scorecard.py first to put the circuit figures in it)")
+        return
+    figures = json.loads(path.read_text())
+    figures["circuits"] = result
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(figures, indent=1) + "\n")
+    temporary.replace(path)  # never a half-written file
+    print(f"(and under 'circuits' in {path})")
 
 
 if __name__ == "__main__":
