@@ -158,6 +158,8 @@ class _GradientScorer:
         self.upstream_sums: dict[int, Tensor] = {}
         self.alpha = 1.0
         self.interpolate: str | None = None
+        self.accumulate = False
+        self.gradient_sums: dict[tuple[int, int, int], Tensor] = {}
 
     def hooks(self) -> list[tuple[str, Callable]]:
         g = self.graph
@@ -167,9 +169,11 @@ class _GradientScorer:
             for kind, qkv in enumerate(QKV):
                 receivers = list(range(heads.start + kind * g.n_heads, heads.start + (kind + 1) * g.n_heads))
                 hooks.append((f"blocks.{layer}.hook_{qkv}_input", self._receiver(receivers, True)))
-            hooks.append((f"blocks.{layer}.attn.hook_result", self._record_heads))
+            if self.recording:  # a hook on hook_result makes the per-head results computed: only when needed
+                hooks.append((f"blocks.{layer}.attn.hook_result", self._record_heads))
             hooks.append((f"blocks.{layer}.hook_mlp_in", self._receiver([mlp], False)))
-            hooks.append((f"blocks.{layer}.hook_mlp_out", self._record_one))
+            if self.recording:
+                hooks.append((f"blocks.{layer}.hook_mlp_out", self._record_one))
         hooks.append((f"blocks.{g.n_layers - 1}.hook_resid_post", self._receiver([g.output_receiver], False)))
         return hooks
 
@@ -231,14 +235,34 @@ class _GradientScorer:
 
     def _score(self, grad: Tensor, receivers: list[int], upstream: int, per_head: bool) -> None:
         grad = grad if per_head else grad[:, :, None]  # [batch, pos, receivers, d_model]
+        grad = grad.permute(2, 0, 1, 3)  # [receivers, batch, pos, d_model]: rows of d_model stay contiguous
+        if self.accumulate:
+            # several steps: the score is linear in the gradient, so sum the gradients and score once (the
+            # product with every upstream difference costs about as much as a backward pass on a ViT-B)
+            key = (receivers[0], len(receivers), upstream)
+            total = self.gradient_sums.get(key)
+            if total is None:  # a copy: the gradient autograd hands over must not be written into
+                self.gradient_sums[key] = grad.detach().clone(memory_format=torch.contiguous_format)
+            else:
+                total.add_(grad)
+            return
+        self._add_scores(grad, receivers, upstream)
+
+    def _add_scores(self, grad: Tensor, receivers: list[int], upstream: int) -> None:
+        """``scores[:upstream, receivers] += weight * differences . grad``, per token group."""
         # One matrix product over (batch, pos, d_model) with the differences read in place: an einsum
         # here copied all upstream differences into another layout on every call.
-        grad = grad.permute(2, 0, 1, 3)  # [receivers, batch, pos, d_model]: rows of d_model stay contiguous
         differences = self.differences[:upstream].to(grad).flatten(1)  # [sender, batch * pos * d_model]
         for group in range(self.groups.shape[-1]):
             masked = grad if self.one_group else grad * self.groups[None, :, :, group, None].to(grad)
             contribution = differences @ masked.reshape(len(receivers), -1).T
             self.scores[:upstream, receivers, group] += self.weight * contribution.to(self.scores)
+
+    def flush(self) -> None:
+        """Score the gradients summed over the steps."""
+        for (first, count, upstream), total in self.gradient_sums.items():
+            self._add_scores(total, list(range(first, first + count)), upstream)
+        self.gradient_sums = {}
 
 
 def _gradient_method(
@@ -264,6 +288,7 @@ def _gradient_method(
             # the sum over images and steps into the mean
             scorer = _GradientScorer(graph, groups[chunk], scores, 1 / n / len(alphas))
             scorer.interpolate = interpolate
+            scorer.accumulate = len(alphas) > 1
             for alpha in alphas:
                 scorer.alpha = alpha
                 with torch.enable_grad():
@@ -279,6 +304,7 @@ def _gradient_method(
                     # parameter's .grad is touched
                     torch.autograd.grad(value, [scorer.root])
                 bar.update(1)
+            scorer.flush()
             del scorer
     bar.close()
     return EdgeScores(graph, scores.float(), name, baseline_clean=baseline, seconds=time.perf_counter() - start)
