@@ -56,6 +56,16 @@ def tiny_config(**overrides) -> ViTConfig:
     return ViTConfig(**fields)
 
 
+def seeded_images(n: int, seed: int, size: int = 32) -> torch.Tensor:
+    """``n`` random images of ``size`` pixels square, the same for the same seed."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def first_minus_second(output: torch.Tensor) -> torch.Tensor:
+    """A logit difference: output 0 minus output 1, per image (the circuit tests' metric)."""
+    return output[:, 0] - output[:, 1]
+
+
 # Architecture variants of the tiny model, one per kind of source model, for tests that must hold on all.
 FAMILIES = {
     # CLIP-like: ln_pre, CLS, two registers, projection.

@@ -7,7 +7,7 @@ input -> head 0.1's keys and values at the patches (the CLS embedding is the sam
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import first_minus_second as _metric, seeded_images as _images, tiny_config
 
 from vit_lens.circuits import CircuitGraph, exact_edge_patching
 from vit_lens.circuits.discovery import acdc, acdc_sweep, learned_edge_mask
@@ -17,14 +17,6 @@ from vit_lens.model.hooked_vit import HookedViT
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROUTE = {"a0.h1->logits@CLS", "input->a0.h1<k>@patches", "input->a0.h1<v>@patches"}
-
-
-def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _metric(output: torch.Tensor) -> torch.Tensor:
-    return output[:, 0] - output[:, 1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import first_minus_second as _metric, seeded_images as _images, tiny_config
 from test_circuits import _affine_hooks
 
 from vit_lens.circuits import (
@@ -34,14 +34,6 @@ from vit_lens.circuits.evaluation import (
 from vit_lens.model.hooked_vit import HookedViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _metric(output: torch.Tensor) -> torch.Tensor:
-    return output[:, 0] - output[:, 1]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vit_lens
-from conftest import FAMILIES, tiny_config
+from conftest import FAMILIES, first_minus_second as _metric, seeded_images as _images, tiny_config
 from vit_lens.circuits import (
     CircuitGraph,
     eap_ig,
@@ -27,14 +27,6 @@ from vit_lens.methods.scorecard import factor_readout, logit_difference, task_da
 from vit_lens.model.hooked_vit import HookedViT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _images(n: int, seed: int, size: int = 32) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _metric(output: torch.Tensor) -> torch.Tensor:
-    return output[:, 0] - output[:, 1]
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def to_json(scores: Any, path: str | os.PathLike | None = None, circuit: Any = N
             for g, group in enumerate(graph.group_names):
                 per_group[group][name] = {"score": float(values[s, r, g]), "in_graph": bool(circuit[s, r, g])}
 
-    in_graph = _nodes_in_graph(graph, circuit)
+    in_graph = graph.touched_nodes(circuit)
     nodes: dict[str, dict[str, Any]] = {}
     for s, name in enumerate(senders):
         nodes[name] = {"in_graph": bool(in_graph[s])}
@@ -179,20 +179,6 @@ def from_json(source: Any, n_ctx: int | None = None) -> tuple[EdgeScores, Tensor
         node_scores=None if node_scores is None else torch.tensor(node_scores, dtype=torch.float32),
     )
     return result, circuit
-
-
-def _nodes_in_graph(graph: CircuitGraph, circuit: Tensor) -> Tensor:
-    """``[n_senders]`` bool: the node sends an edge of the circuit or receives one (any of its q/k/v inputs)."""
-    sends = circuit.any(dim=(1, 2))
-    receives = circuit.any(dim=(0, 2))
-    touched = sends.clone()
-    for layer in range(graph.n_layers):
-        heads, mlp = graph.layer_receivers(layer)
-        for head in range(graph.n_heads):
-            inputs = [heads.start + kind * graph.n_heads + head for kind in range(3)]
-            touched[graph.head_sender(layer, head)] |= bool(receives[inputs].any())
-        touched[graph.mlp_sender(layer)] |= bool(receives[mlp])
-    return touched
 
 
 def _write_atomically(path: Path, text: str) -> None:

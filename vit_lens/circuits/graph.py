@@ -198,6 +198,22 @@ class CircuitGraph:
             keep = keep & self.check_edge_tensor(mask, "mask").bool()
         return [tuple(index) for index in keep.nonzero().tolist()]
 
+    def touched_nodes(self, circuit: Tensor) -> list[bool]:
+        """Per node (the senders in order, then the output): whether an edge of ``circuit`` starts or ends there.
+
+        A head counts as receiving when any of its q, k or v inputs receives an edge of the circuit."""
+        circuit = self.check_edge_tensor(circuit, "circuit").bool()
+        sends = circuit.any(dim=(1, 2))
+        receives = circuit.any(dim=(0, 2))
+        touched = sends.tolist()
+        for layer in range(self.n_layers):
+            heads, mlp = self.layer_receivers(layer)
+            for head in range(self.n_heads):
+                inputs = [heads.start + kind * self.n_heads + head for kind in range(3)]
+                touched[self.head_sender(layer, head)] |= bool(receives[inputs].any())
+            touched[self.mlp_sender(layer)] |= bool(receives[mlp])
+        return touched + [bool(receives[self.output_receiver])]
+
     # ------------------------------------------------------------------ checks
 
     def check_edge_tensor(self, tensor: Any, what: str = "scores") -> Tensor:

@@ -109,7 +109,7 @@ def circuit_figure(
         text=[port for _, port in ports], textposition="middle left", textfont={"size": 8},
         hovertext=[receivers[r] for r, _ in ports], hoverinfo="text", name="q/k/v inputs", showlegend=False,
     ))
-    touched = _touched_nodes(graph, circuit)
+    touched = graph.touched_nodes(circuit)
     node_names = senders + [OUTPUT]
     positions = [_sender_position(graph, s) for s in range(graph.n_senders)] + [_output_position(graph)]
     for in_circuit in (True, False):
@@ -180,20 +180,6 @@ def _group_offset(group: int, n_groups: int) -> float:
     if n_groups == 1:
         return 0.0
     return 0.16 * (group / (n_groups - 1) - 0.5)
-
-
-def _touched_nodes(graph: CircuitGraph, circuit: Tensor) -> list[bool]:
-    """Per node (senders, then the output): whether an edge of the circuit starts or ends there."""
-    sends = circuit.any(dim=(1, 2))
-    receives = circuit.any(dim=(0, 2))
-    touched = sends.tolist()
-    for layer in range(graph.n_layers):
-        heads, mlp = graph.layer_receivers(layer)
-        for head in range(graph.n_heads):
-            inputs = [heads.start + kind * graph.n_heads + head for kind in range(3)]
-            touched[graph.head_sender(layer, head)] |= bool(receives[inputs].any())
-        touched[graph.mlp_sender(layer)] |= bool(receives[mlp])
-    return touched + [bool(receives[graph.output_receiver])]
 
 
 # ============================================================================ one edge on the image
