@@ -360,3 +360,46 @@ def test_a_failed_shard_write_is_raised_in_the_caller(clip, images, tmp_path, mo
     monkeypatch.setattr(storage, "write_tensors", written)
     resumed = run_dataset(clip, images[:64], tmp_path, Activations(RESID[0], "cls"), progress=False)
     assert len(resumed.shards) == 4
+
+
+STATISTICS_SCRIPT = '''
+import os
+import sys
+import torch
+from vit_lens.intervene.statistics import compute_hook_statistics
+from vit_lens.toy import ToyWorld, load_toy_clip
+
+torch.set_num_threads(1)
+images = ToyWorld(seed=0).sample(100).images
+batches = [images[i:i + 16] for i in range(0, 100, 16)]
+stats = compute_hook_statistics(load_toy_clip(), batches, ["blocks.1.hook_resid_post", "blocks.3.attn.hook_z"],
+                                variance=True, per_position=False, progress=False)
+stats.save(f"{sys.argv[1]}/stats_{os.environ.get('RANK', '0')}.safetensors")
+'''
+
+
+def test_hook_statistics_under_torchrun_equal_one_process(clip, tmp_path):
+    """compute_hook_statistics is a runner pass: under torchrun each rank takes its shards and the sums are
+    all-reduced, so every rank returns the one-process statistics."""
+    from vit_lens.intervene.statistics import HookStatistics
+    from vit_lens.model.hooked_vit import image_tower
+
+    script = tmp_path / "stats.py"
+    script.write_text(STATISTICS_SCRIPT)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=_env(), cwd=ROOT, check=True,
+                   capture_output=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*launcher, str(script), str(tmp_path / "two")], env=_env(), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = HookStatistics.load(tmp_path / "one" / "stats_0.safetensors")
+    assert one.count("blocks.1.hook_resid_post") == 100 * image_tower(clip).cfg.n_ctx  # pooled over the tokens
+    for rank in (0, 1):
+        two = HookStatistics.load(tmp_path / "two" / f"stats_{rank}.safetensors")
+        assert two.names == one.names
+        for name in one.names:
+            assert two.count(name) == one.count(name), (rank, name)
+            torch.testing.assert_close(two.mean(name), one.mean(name), rtol=0, atol=1e-12)
+            torch.testing.assert_close(two.var(name), one.var(name), rtol=1e-10, atol=1e-12)

@@ -1,17 +1,15 @@
 """Dataset statistics of hook activations: streamed means and variances, saved as safetensors.
 
-:func:`compute_hook_statistics` runs a dataset through the model once, with hooks that fold each
-batch into running float64 means (and sums of squared deviations) with Chan et al.'s pairwise
-update, so neither the dataset nor its activations are ever held in memory and large offsets do
-not cancel digits the way a sum of squares would. The result, a :class:`HookStatistics`, is what
-:func:`vit_lens.intervene.interventions.mean_ablate` and the layer-averaging hooks take.
-
-With ``out_dir`` the pass is a :func:`vit_lens.runner.run_dataset` run instead (resumable, and
-split over processes under ``torchrun``): a :class:`ShiftedMoments` recorder sums values minus a
-fixed shift (the first batch's mean), which adds up over shards and ranks and keeps the digits a
-plain sum of squares would cancel.
+:func:`compute_hook_statistics` runs a dataset through the model once, as a
+:func:`vit_lens.runner.run_dataset` pass: a :class:`ShiftedMoments` recorder sums, in float64, each
+hook's values minus a fixed shift (its value on the dataset's first image), which adds up over
+batches, shards and ranks and keeps the digits a plain sum of squares would cancel to a large
+offset. Neither the dataset nor its activations are held: in memory by default (and split over
+processes under ``torchrun``), or with ``out_dir`` into a run folder that resumes after an
+interruption. The result, a :class:`HookStatistics`, is what
+:func:`vit_lens.intervene.interventions.mean_ablate` and the layer-averaging hooks take; it keeps
+accumulating with :meth:`HookStatistics.update` (Chan et al.'s pairwise update).
 """
-
 import hashlib
 import itertools
 import json
@@ -27,8 +25,7 @@ from torch import Tensor
 
 from vit_lens.model.hook_layout import hook_axes
 from vit_lens.model.hooked_vit import image_tower
-from vit_lens.runner.run import run_dataset
-from vit_lens.utils.progress import progress as progress_bar
+from vit_lens.runner.run import last_block_needed, run_dataset
 
 _FORMAT = "vit_lens.HookStatistics/1"
 
@@ -194,24 +191,29 @@ def compute_hook_statistics(
 ) -> HookStatistics:
     """Stream a dataset through the model once and accumulate statistics of the named hooks.
 
-    Hooks only observe: each batch's activations are folded into float64 running statistics and
-    dropped, so memory does not grow with the dataset and nothing else is cached. When every name
-    is inside the first blocks, the forward stops after the last block needed.
+    Hooks only observe: the pass is a :func:`vit_lens.runner.run_dataset` run whose recorder
+    (:class:`ShiftedMoments`) folds each batch into float64 sums and drops its activations, so
+    memory does not grow with the dataset and nothing else is cached. When every name is inside
+    the first blocks, the forward stops after the last block needed. Under ``torchrun`` each
+    process runs its share of the data and the sums are all-reduced: every rank returns the
+    dataset's statistics.
 
     Args:
         model: A ``HookedViT``, or a ``HookedCLIP`` (its image tower is run).
         data: An iterable of image batches ``[batch, channels, height, width]`` (a DataLoader,
             a list of tensors, ...), or of ``(images, labels, ...)`` tuples; images are moved to
-            the model's device and dtype.
+            the model's device and dtype. The model runs on batches of the first batch's size
+            (larger ones are split, smaller ones joined); the statistics depend on the split only
+            as far as the model's own rounding does (a float32 forward rounds a little differently
+            per batch size).
         names: Hook names (one or a list), or a filter function of the name.
         variance: Also accumulate variances (:meth:`HookStatistics.var`).
         per_position: Keep statistics per token (default), or pool over tokens.
-        max_batches: Stop after this many batches.
-        progress: Show a tqdm progress bar.
-        out_dir: Run the pass with :func:`vit_lens.runner.run_dataset` into this folder: resumable
-            after an interruption, distributed under ``torchrun``, and only float64 partial sums
-            written (no activations). The model runs on batches of the first batch's size (larger ones
-            are split); with such batches the statistics equal the in-memory pass's to float64 rounding.
+        max_batches: Stop after this many batches (no batch past them is loaded).
+        progress: Show a progress bar (images/s).
+        out_dir: None (default): keep the sums in memory. A folder: write the run there (only the
+            float64 partial sums per shard, no activations), so that an interrupted pass resumes
+            where it stopped; the statistics equal the in-memory pass's.
 
     Returns:
         A :class:`HookStatistics` with the hooks that were run.
@@ -229,41 +231,50 @@ def compute_hook_statistics(
         raise ValueError("compute_hook_statistics needs at least one hook name")
     if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    if out_dir is not None:
-        return _statistics_by_runner(tower, data, names, variance, per_position, max_batches, progress, out_dir)
+    stream = iter(data if max_batches is None else itertools.islice(data, max_batches))  # loads no batch past the last
+    first = next(stream, None)
+    if first is None:
+        raise ValueError("compute_hook_statistics got no batches from data")
+    batch = _images_of(first)
+    shifts = _first_image_values(tower, batch[:1], names, per_position)
+    recorder = ShiftedMoments(shifts, per_position=per_position, variance=variance)
+    # the model runs on batches of the first batch's size: larger ones are split, smaller ones joined
+    result = run_dataset(tower, itertools.chain([batch], (_images_of(item) for item in stream)), out_dir, recorder,
+                         batch_size=len(batch), progress=progress and "hook statistics")
     stats = HookStatistics(per_position=per_position, variance=variance)
+    for name in recorder.hooks:
+        stats._counts[name] = int(result.reductions[f"{recorder.name}/{name}/count"].item())
+        stats._means[name] = result.reductions[f"{recorder.name}/{name}/mean"]
+        if variance:
+            stats._m2[name] = result.reductions[f"{recorder.name}/{name}/m2"]
+    return stats
 
-    def accumulate(activation, hook):
-        stats.update(hook.name, activation)
+
+def _first_image_values(tower: Any, image: Tensor, names: Any, per_position: bool) -> dict[str, Tensor]:
+    """The shifts: each named hook's value on one image (pooled over tokens unless ``per_position``), float64.
+
+    Any value near the data keeps the shifted sums' digits; one image costs one image's forward."""
+    values = HookStatistics(per_position=per_position)
+
+    def keep(activation, hook):
+        values.update(hook.name, activation)
 
     # dict.fromkeys: a name listed twice must not be counted twice
-    fwd_hooks = [(names, accumulate)] if callable(names) else [(name, accumulate) for name in dict.fromkeys(names)]
-    stop_at_layer = None if callable(names) else _last_block_needed(tower, names)
+    fwd_hooks = [(names, keep)] if callable(names) else [(name, keep) for name in dict.fromkeys(names)]
     reference = next(tower.parameters())
-    total = len(data) if hasattr(data, "__len__") else None
-    if max_batches is not None:
-        total = min(total, max_batches) if total is not None else max_batches
-        data = itertools.islice(data, max_batches)  # so that no batch past the last is loaded
-    n_batches = 0
-    bar = progress_bar(total=total, desc="hook statistics", unit="batch", enabled=progress)
-    with torch.no_grad(), tower.hooks(fwd_hooks=fwd_hooks), bar:
-        for batch in data:
-            images = _images_of(batch).to(reference.device)
-            # Only float images take the model's dtype: integer pixels must still meet HookedViT's check.
-            images = images.to(reference.dtype) if images.is_floating_point() else images
-            tower(images, stop_at_layer=stop_at_layer)
-            n_batches += 1
-            bar.update()
-    if not n_batches:
-        raise ValueError("compute_hook_statistics got no batches from data")
-    return stats
+    image = image.to(reference.device)
+    # Only float images take the model's dtype: integer pixels must still meet HookedViT's check.
+    image = image.to(reference.dtype) if image.is_floating_point() else image
+    with torch.no_grad(), tower.hooks(fwd_hooks=fwd_hooks):
+        tower(image, stop_at_layer=None if callable(names) else last_block_needed(tower, names))
+    return {name: values.mean(name) for name in values.names}
 
 
 class ShiftedMoments:
     """A runner recorder of :class:`HookStatistics`: count, sum and sum of squares of ``value - shift``.
 
     The sums add up over batches, shards and ranks, as the runner needs; subtracting a fixed
-    ``shift`` near the mean (the first batch's) first keeps the variance's digits, which a plain
+    ``shift`` near the mean (the dataset's first image's value) first keeps the variance's digits, which a plain
     sum of squares loses to a large offset.
 
     Args:
@@ -313,41 +324,6 @@ class ShiftedMoments:
             if self.variance:
                 results[f"{hook}/m2"] = totals[f"{hook}/squares"] - total.square() / count
         return results
-
-
-def _statistics_by_runner(tower: Any, data: Iterable, names: Any, variance: bool, per_position: bool,
-                          max_batches: int | None, progress: bool, out_dir: str | os.PathLike) -> HookStatistics:
-    """:func:`compute_hook_statistics` as a runner run: the first batch's means are the shifts."""
-    stream = iter(data if max_batches is None else itertools.islice(data, max_batches))
-    first = next(stream, None)
-    if first is None:
-        raise ValueError("compute_hook_statistics got no batches from data")
-    shifts = compute_hook_statistics(tower, [first], names, per_position=per_position, progress=False)
-    recorder = ShiftedMoments({name: shifts.mean(name) for name in shifts.names}, per_position=per_position,
-                              variance=variance)
-    batch = _images_of(first)
-    result = run_dataset(tower, itertools.chain([batch], (_images_of(item) for item in stream)), out_dir, recorder,
-                         batch_size=len(batch), progress=progress)
-    stats = HookStatistics(per_position=per_position, variance=variance)
-    for name in recorder.hooks:
-        stats._counts[name] = int(result.reductions[f"{recorder.name}/{name}/count"].item())
-        stats._means[name] = result.reductions[f"{recorder.name}/{name}/mean"]
-        if variance:
-            stats._m2[name] = result.reductions[f"{recorder.name}/{name}/m2"]
-    return stats
-
-
-def _last_block_needed(tower: Any, names: Sequence[str]) -> int | None:
-    """``stop_at_layer`` that still runs every named hook, or None for the whole tower."""
-    layers = []
-    for name in names:
-        prefix, _, rest = name.partition(".")
-        layer, _, _ = rest.partition(".")
-        if prefix != "blocks" or not layer.isdigit():
-            return None
-        layers.append(int(layer))
-    stop = max(layers) + 1
-    return stop if stop < tower.cfg.n_layers else None
 
 
 def _images_of(batch: Any) -> Tensor:

@@ -6,7 +6,7 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ def run_dataset(
     num_workers: int = 0,
     overwrite: bool = False,
     verify_checksums: bool = True,
-    progress: bool = True,
+    progress: bool | str = True,
 ) -> RunResult | InMemoryResult:
     """Run ``model`` over ``data`` once and write what ``record`` asks for to shards in ``out_dir``.
 
@@ -74,7 +74,7 @@ def run_dataset(
         num_workers: DataLoader workers that load a Dataset's images.
         overwrite: Delete a run in ``out_dir`` (only the runner's own files) and start again.
         verify_checksums: On resume, check every finished shard's SHA-256 (else only its size).
-        progress: Show a progress bar (images/s, ETA).
+        progress: Show a progress bar (images/s, ETA); a string shows it with that label.
 
     Returns:
         The :class:`vit_lens.runner.readback.RunResult` of the finished run (on every rank), or with
@@ -171,7 +171,7 @@ class _Groups:
             self.groups.append((cache, members))
             self.fwd_hooks += fwd
             names |= hooks
-        self.stop_at_layer = _last_block_needed(tower, names)
+        self.stop_at_layer = last_block_needed(tower, names)
 
     def run(self, tower: Any, images: Tensor, autocast: Any) -> list[tuple[Any, dict[str, Tensor]]]:
         """``(recorder, its activations)`` for one batch."""
@@ -183,7 +183,11 @@ class _Groups:
                 for cache, members in self.groups for recorder in members]
 
 
-def _last_block_needed(tower: Any, names: set[str]) -> int | None:
+def _label(progress: bool | str) -> str:
+    return progress if isinstance(progress, str) else "run_dataset"
+
+
+def last_block_needed(tower: Any, names: Iterable[str]) -> int | None:
     """``stop_at_layer`` that still runs every hook in ``names``, or None for the whole tower."""
     layers = []
     for name in names:
@@ -197,7 +201,7 @@ def _last_block_needed(tower: Any, names: set[str]) -> int | None:
 
 def _run(tower: Any, data: Any, out: Path | None, recorders: list[Any], ranks: Ranks, device: torch.device, *,
          shard_size: int | None, batch_size: int | None, dtype: str, num_workers: int, overwrite: bool,
-         verify_checksums: bool, progress: bool) -> RunResult | InMemoryResult:
+         verify_checksums: bool, progress: bool | str) -> RunResult | InMemoryResult:
     groups = _Groups(tower, recorders)
     autocast_dtype = AUTOCAST_DTYPES[dtype]
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext())
@@ -248,7 +252,7 @@ def _run(tower: Any, data: Any, out: Path | None, recorders: list[Any], ranks: R
         sizes = {k: min(shard_size, n_images - k * shard_size) for k in range(-(-n_images // shard_size))}
         total = sum(size for k, size in sizes.items() if k % ranks.world_size == ranks.rank)
         initial = sum(sizes[k] for k in done if k in sizes)
-    bar = progress_bar(total=total, initial=initial, desc="run_dataset", unit="img", enabled=progress)
+    bar = progress_bar(total=total, initial=initial, desc=_label(progress), unit="img", enabled=bool(progress))
     writer = _ShardWriter()
     try:
         with bar:
@@ -299,7 +303,7 @@ def _record_shard(tower: Any, batches: Any, groups: _Groups, autocast: Any, devi
 
 def _run_in_memory(tower: Any, loader: ShardedData, recorders: list[Any], groups: _Groups, autocast: Any,
                    shapes: dict[str, tuple], settings: dict, ranks: Ranks, device: torch.device, *, shard_size: int,
-                   progress: bool) -> InMemoryResult:
+                   progress: bool | str) -> InMemoryResult:
     """The pass without a folder: each rank sums its shards' partial sums in shard order (as the on-disk
     run reduces its shard files, so the results are the same bits), then the totals are all-reduced."""
     totals = {key: torch.zeros(shape, dtype=torch.float64) for key, (shape, _) in shapes.items()}
@@ -307,7 +311,7 @@ def _run_in_memory(tower: Any, loader: ShardedData, recorders: list[Any], groups
     if loader.n_images is not None:
         total = sum(min(shard_size, loader.n_images - k * shard_size)
                     for k in range(ranks.rank, -(-loader.n_images // shard_size), ranks.world_size))
-    with progress_bar(total=total, desc="run_dataset", unit="img", enabled=progress) as bar:
+    with progress_bar(total=total, desc=_label(progress), unit="img", enabled=bool(progress)) as bar:
         for _, _, batches in loader.shards(shard_size, lambda k: k % ranks.world_size == ranks.rank):
             count, _, sums = _record_shard(tower, batches, groups, autocast, device, bar)
             if count:
