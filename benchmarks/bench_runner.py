@@ -7,6 +7,11 @@ Variants, timed in the same repeats (order alternated every repeat; paired ratio
   CLS token only, plus the float64 mean of the last layer's residual stream, written to safetensors
   shards in a fresh folder (atomic writes, fsync, checksums, manifest).
 * ``runner all``: the same with every token cached (``--tokens all`` of the CLI).
+* ``statistics``: :func:`vit_lens.intervene.statistics.compute_hook_statistics` of every layer's residual
+  stream, per token, with variances (in memory: it is a ``run_dataset`` pass without a folder).
+* ``hook loop``: the same statistics from a hand-written loop, a forward per batch with hooks that fold
+  each activation into a :class:`HookStatistics` (what ``compute_hook_statistics`` was before it ran on
+  the runner).
 
 Everything the runner does is inside its time: the weights fingerprint, a one-image probe forward, the
 shard writes. These fixed costs shrink with the dataset; ``--images`` sets its size.
@@ -46,6 +51,7 @@ def main() -> None:
 
     import open_clip
 
+    from vit_lens.intervene.statistics import HookStatistics, compute_hook_statistics
     from vit_lens.model.hooked_vit import HookedViT
     from vit_lens.runner import Activations, Mean, run_dataset
 
@@ -80,7 +86,24 @@ def main() -> None:
                 shutil.rmtree(folder)
         return run
 
-    variants = {"forward": forward, "runner cls": runner("cls"), "runner all": runner("all")}
+    batches = [images[first:first + args.batch] for first in range(0, args.images, args.batch)]
+
+    def statistics_pass() -> None:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            compute_hook_statistics(model, batches, resid, variance=True, progress=False)
+        synchronize()
+
+    def hook_loop() -> None:
+        stats = HookStatistics(variance=True)
+        hooks = [(name, lambda activation, hook: stats.update(hook.name, activation)) for name in resid]
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with model.hooks(fwd_hooks=hooks):
+                for batch in batches:
+                    model(batch.to(device, non_blocking=True))
+        synchronize()
+
+    variants = {"forward": forward, "runner cls": runner("cls"), "runner all": runner("all"),
+                "statistics": statistics_pass, "hook loop": hook_loop}
     for run in variants.values():  # warm-up
         run()
     times: dict[str, list[float]] = {name: [] for name in variants}
