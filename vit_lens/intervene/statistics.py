@@ -10,6 +10,7 @@ interruption. The result, a :class:`HookStatistics`, is what
 :func:`vit_lens.intervene.interventions.mean_ablate` and the layer-averaging hooks take; it keeps
 accumulating with :meth:`HookStatistics.update` (Chan et al.'s pairwise update).
 """
+
 import hashlib
 import itertools
 import json
@@ -274,8 +275,8 @@ class ShiftedMoments:
     """A runner recorder of :class:`HookStatistics`: count, sum and sum of squares of ``value - shift``.
 
     The sums add up over batches, shards and ranks, as the runner needs; subtracting a fixed
-    ``shift`` near the mean (the dataset's first image's value) first keeps the variance's digits, which a plain
-    sum of squares loses to a large offset.
+    ``shift`` near the mean (the dataset's first image's value) first keeps the variance's digits,
+    which a plain sum of squares loses to a large offset.
 
     Args:
         shifts: Hook name -> the shift, the shape of :meth:`HookStatistics.mean` (float64).
